@@ -1,0 +1,98 @@
+"""Batched greedy generation and teacher-forced logits for Hugging Face causal LMs.
+
+This is the small engine interface the stages use: ``greedy_generate`` (left-padded
+batches through ``model.generate``) and ``completion_logits`` (one right-padded,
+teacher-forced forward pass whose hidden states are projected to logits only at
+the positions asked for).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a generation (generation configs may list several)."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def truncate_at_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
+    """Tokens up to and including the first end-of-sequence token."""
+    out = []
+    for token in tokens:
+        out.append(int(token))
+        if token in eos_ids:
+            break
+    return out
+
+
+def _pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device):
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.inference_mode()
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy completions (token ids, cut after the first EOS) for a batch of prompts."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+    input_ids, attention_mask = _pad_batch(prompts, pad_id, left=True, device=device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+    )
+    generated = output[:, input_ids.shape[1] :].tolist()
+    return [truncate_at_eos(tokens, eos_ids) for tokens in generated]
+
+
+def completion_logits(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    pad_id: int,
+    vocab_size: int,
+) -> list[torch.Tensor]:
+    """One teacher-forced pass: the logits that predict each completion token.
+
+    For a sequence ``prompt + y`` the logits at position ``len(prompt) - 1 + t``
+    give pi(. | prompt + y_<t). Right padding keeps every real position's causal
+    context intact; only the requested positions go through the LM head, cut to
+    ``vocab_size`` columns. Returns one ``[len(y), vocab_size]`` tensor per sequence.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _pad_batch(sequences, pad_id, left=False, device=device)
+    with torch.inference_mode():
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows, cols = [], []
+        counts = []
+        for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+            completion_length = len(sequence) - prompt_length
+            counts.append(completion_length)
+            rows.extend([row] * completion_length)
+            cols.extend(range(prompt_length - 1, len(sequence) - 1))
+        selected = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logits = model.get_output_embeddings()(selected)[:, :vocab_size]
+    return list(torch.split(logits, counts))

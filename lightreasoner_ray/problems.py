@@ -1,0 +1,149 @@
+"""Loading the problems to sample from: JSONL, JSON or Parquet files, or hub datasets.
+
+Each problem becomes ``{"problem_id": str, "question": str}``. The id comes from the
+configured field (``auto``: ``id``, ``idx``, ``unique_id``), else a stable hash of the
+question, so a re-run sees the same ids and can skip what is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lightreasoner_ray.config import DataConfig
+from lightreasoner_ray.errors import LightReasonerError
+
+logger = logging.getLogger(__name__)
+
+QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
+ID_FIELDS = ("id", "idx", "unique_id", "problem_id")
+
+
+@dataclass
+class LoadedProblems:
+    problems: list[dict[str, str]]
+    source: str
+    skipped: list[str] = field(default_factory=list)  # one message per skipped row
+
+
+def question_hash(question: str) -> str:
+    return "q-" + hashlib.sha256(question.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def _iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (row number, row, error) for each row of a JSONL/JSON/Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise LightReasonerError(f"{path}: not a readable Parquet file ({exc})") from None
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield number, row, None
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise LightReasonerError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if isinstance(rows, dict):
+            rows = next((v for v in rows.values() if isinstance(v, list)), None)
+        if not isinstance(rows, list):
+            raise LightReasonerError(f"{path}: a JSON problems file must hold a list of objects")
+        for number, row in enumerate(rows, start=1):
+            yield number, row, None
+    else:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line), None
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[int, Any, str | None]]:
+    try:
+        import datasets
+    except ImportError:
+        raise LightReasonerError(f"problems file {name} does not exist (and `datasets` is not installed)") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, missing split: all mean "not here"
+        raise LightReasonerError(
+            f"problems {name!r} is neither a local file nor a reachable Hugging Face dataset ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Give a JSONL/JSON/Parquet file in data.problems."
+        ) from None
+    for number, row in enumerate(dataset, start=1):
+        yield number, row, None
+
+
+def _pick(row: dict, configured: str, candidates: tuple[str, ...]) -> str | None:
+    if configured != "auto":
+        return configured
+    return next((name for name in candidates if name in row), None)
+
+
+def load_problems(config: DataConfig) -> LoadedProblems:
+    """Load, validate, de-duplicate, shuffle (seeded) and limit the problems."""
+    path = Path(config.problems).expanduser()
+    if path.is_dir():
+        raise LightReasonerError(f"problems path {path} is a directory: give a JSONL, JSON or Parquet file")
+    if path.exists():
+        rows = _iter_file_rows(path)
+        source = str(path)
+    elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or config.problems.startswith((".", "/", "~")):
+        raise LightReasonerError(f"problems file {path} does not exist")
+    else:
+        rows = _hub_rows(config.problems, config.split)
+        source = f"hub:{config.problems}[{config.split}]"
+
+    problems: list[dict[str, str]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+
+    def reject(message: str) -> None:
+        if not config.skip_invalid:
+            raise LightReasonerError(f"{message} (set data.skip_invalid=true to skip bad rows)")
+        skipped.append(message)
+
+    for number, row, error in rows:
+        where = f"{source}, line {number}"
+        if error is not None:
+            reject(f"{where}: {error}")
+            continue
+        if not isinstance(row, dict):
+            reject(f"{where}: expected a JSON object, got {type(row).__name__}")
+            continue
+        question_field = _pick(row, config.question_field, QUESTION_FIELDS)
+        question = row.get(question_field) if question_field else None
+        if not isinstance(question, str) or not question.strip():
+            field_name = question_field or "/".join(QUESTION_FIELDS)
+            state = "missing" if question is None else "empty" if isinstance(question, str) else f"a {type(question).__name__}"
+            reject(f"{where}: field {field_name!r} is {state}; set data.question_field to the field holding the question")
+            continue
+        id_field = _pick(row, config.id_field, ID_FIELDS)
+        raw_id = row.get(id_field) if id_field else None
+        problem_id = str(raw_id) if raw_id not in (None, "") else question_hash(question)
+        if problem_id in seen:
+            logger.warning("%s: duplicate problem id %s skipped", where, problem_id)
+            continue
+        seen.add(problem_id)
+        problems.append({"problem_id": problem_id, "question": question.strip()})
+
+    if skipped:
+        logger.warning("skipped %d invalid rows of %s; first: %s", len(skipped), source, skipped[0])
+    if not problems:
+        raise LightReasonerError(f"{source} holds no usable problems" + (f" ({len(skipped)} invalid rows skipped)" if skipped else ""))
+    if config.shuffle:
+        random.Random(config.seed).shuffle(problems)
+    if config.limit is not None:
+        problems = problems[: config.limit]
+    return LoadedProblems(problems=problems, source=source, skipped=skipped)

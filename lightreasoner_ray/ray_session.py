@@ -1,0 +1,29 @@
+"""Connecting to Ray: the cluster a job was submitted to, else a new local instance."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lightreasoner_ray.config import RayConfig
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(config: RayConfig) -> None:
+    """Connect to ``ray.address`` or ``RAY_ADDRESS``; otherwise start local Ray.
+
+    A job started with ``ray job submit`` has RAY_ADDRESS set by Ray; a local run
+    starts its own instance (``address="local"``) rather than attaching to whatever
+    cluster ``ray start`` last left on this machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {"num_cpus": config.num_cpus} if address == "local" and config.num_cpus else {}
+    if address == "local":
+        kwargs["include_dashboard"] = False if os.environ.get("LIGHTREASONER_NO_DASHBOARD") else None
+    ray.init(address=address, log_to_driver=True, **kwargs)
+    logger.info("connected to Ray at %s: %s", address, ray.cluster_resources())

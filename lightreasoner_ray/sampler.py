@@ -1,0 +1,101 @@
+"""The contrastive sampler: one expert/amateur pair on one device.
+
+``ContrastiveSampler`` is a plain class (no Ray import) that Ray Data instantiates
+once per actor through ``map_batches``. For a batch of problems it generates the
+expert's greedy completions, runs ONE teacher-forced forward pass of each model over
+prompt + completion, contrasts the two at every completion position and returns one
+row per trajectory in the samples schema.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from lightreasoner_ray.config import ModelConfig
+from lightreasoner_ray.contrast import contrast_positions
+from lightreasoner_ray.generation import completion_logits, greedy_generate
+from lightreasoner_ray.models import context_length, default_device, load_model, load_tokenizer, shared_vocab_size
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("completion_ids", pa.list_(pa.int32())),
+        ("steps", pa.list_(pa.int32())),
+        ("kl", pa.list_(pa.float32())),
+        ("target_ids", pa.list_(pa.list_(pa.int32()))),
+        ("target_probs", pa.list_(pa.list_(pa.float32()))),
+        # Beyond the contract: KL at every completion position, so beta can be
+        # chosen after the fact and the summary can show the whole distribution.
+        ("position_kl", pa.list_(pa.float32())),
+    ]
+)
+
+
+class ContrastiveSampler:
+    """Holds an expert and an amateur on this process's device; contrasts batches of problems."""
+
+    def __init__(
+        self,
+        expert: ModelConfig,
+        amateur: ModelConfig,
+        alpha: float,
+        beta: float,
+        max_new_tokens: int,
+        position_chunk: int = 64,
+    ) -> None:
+        self.device = default_device()
+        self.tokenizer = load_tokenizer(expert, "expert")
+        self.expert = load_model(expert, "expert", self.device)
+        self.amateur = load_model(amateur, "amateur", self.device)
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.expert, self.amateur)
+        self.context = min(context_length(self.expert), context_length(self.amateur))
+        self.alpha = alpha
+        self.beta = beta
+        self.max_new_tokens = max_new_tokens
+        self.position_chunk = position_chunk
+
+    def sample(self, problem_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+        """Contrast the expert and the amateur on each prompt; one row per problem."""
+        budget = max(1, min(self.max_new_tokens, self.context - max(len(p) for p in prompts)))
+        completions = greedy_generate(self.expert, self.tokenizer, prompts, budget)
+        kept = [i for i, completion in enumerate(completions) if completion]
+        sequences = [list(prompts[i]) + completions[i] for i in kept]
+        prompt_lengths = [len(prompts[i]) for i in kept]
+        pad_id = self.tokenizer.pad_token_id
+        expert_logits = completion_logits(self.expert, sequences, prompt_lengths, pad_id, self.vocab_size)
+        amateur_logits = completion_logits(self.amateur, sequences, prompt_lengths, pad_id, self.vocab_size)
+        contrasts = {
+            i: contrast_positions(e, a, self.alpha, self.beta, self.position_chunk)
+            for i, e, a in zip(kept, expert_logits, amateur_logits)
+        }
+        rows = []
+        for i, (problem_id, prompt) in enumerate(zip(problem_ids, prompts)):
+            result = contrasts.get(i)
+            rows.append(
+                {
+                    "problem_id": str(problem_id),
+                    "prompt_ids": list(prompt),
+                    "completion_ids": completions[i],
+                    "steps": result.steps if result else [],
+                    "kl": [float(result.kl[t]) for t in result.steps] if result else [],
+                    "target_ids": result.target_ids if result else [],
+                    "target_probs": result.target_probs if result else [],
+                    "position_kl": result.kl.tolist() if result else [],
+                }
+            )
+        return rows
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Ray Data entry point: a pyarrow batch of (problem_id, prompt_ids) in, samples out."""
+        started = time.perf_counter()
+        rows = self.sample(batch.column("problem_id").to_pylist(), batch.column("prompt_ids").to_pylist())
+        logger.info("sampled %d problems in %.2fs", len(rows), time.perf_counter() - started)
+        return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+

@@ -1,0 +1,163 @@
+"""The sampling stage: Ray Data streams problems through contrastive sampler actors.
+
+Problems are loaded and tokenized on the driver (so a bad row or an over-long prompt
+fails before any model is loaded), problems already in ``<output_dir>/samples`` are
+skipped, and the rest flow through a fixed pool of ``ContrastiveSampler`` actors.
+The driver writes each batch of results as its own Parquet file, atomically, so a
+killed run loses at most the batches in flight and a re-run duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.models import check_model_path, check_tokenizers_compatible, load_tokenizer
+from lightreasoner_ray.problems import load_problems
+from lightreasoner_ray.prompts import prompt_ids
+from lightreasoner_ray import storage
+
+logger = logging.getLogger(__name__)
+
+
+def _model_context(path: str, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return int(getattr(model_config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load and tokenize the problems; check the models, tokenizers and prompt lengths."""
+    check_model_path(config.expert.path, "expert")
+    check_model_path(config.amateur.path, "amateur")
+    expert_tokenizer = load_tokenizer(config.expert, "expert")
+    amateur_tokenizer = load_tokenizer(config.amateur, "amateur")
+    check_tokenizers_compatible(expert_tokenizer, amateur_tokenizer, config.expert.path, config.amateur.path)
+    context = min(
+        _model_context(config.expert.path, config.expert.trust_remote_code),
+        _model_context(config.amateur.path, config.amateur.trust_remote_code),
+    )
+    loaded = load_problems(config.data)
+    problems = []
+    for problem in loaded.problems:
+        ids = prompt_ids(expert_tokenizer, problem["question"], config.sampling.system_prompt)
+        if len(ids) >= context:
+            raise LightReasonerError(
+                f"{loaded.source}: problem {problem['problem_id']}: the prompt is {len(ids)} tokens, "
+                f"longer than the models' context of {context} tokens"
+            )
+        problems.append({"problem_id": problem["problem_id"], "prompt_ids": ids})
+    info = {"source": loaded.source, "skipped_invalid": len(loaded.skipped), "context": context}
+    return problems, info
+
+
+def finished_problem_ids(samples_dir: str) -> set[str]:
+    done: set[str] = set()
+    for path in storage.list_parquet_files(samples_dir):
+        done.update(storage.read_parquet(path, columns=["problem_id"]).column("problem_id").to_pylist())
+    return done
+
+
+def run_sampling(config: Config) -> dict[str, Any]:
+    """Sample every problem not yet in ``<output_dir>/samples``; return the summary."""
+    import ray
+
+    from lightreasoner_ray.ray_session import init_ray
+    from lightreasoner_ray.sampler import ContrastiveSampler
+
+    started = time.time()
+    problems, info = prepare_problems(config)
+    samples_dir = config.samples_dir
+    storage.make_dirs(samples_dir)
+    removed = storage.remove_stale_temporaries(samples_dir)
+    if removed:
+        logger.info("removed %d partial files left by an interrupted run", removed)
+    done = finished_problem_ids(samples_dir)
+    todo = [p for p in problems if p["problem_id"] not in done]
+    logger.info("%d problems: %d already sampled, %d to go", len(problems), len(problems) - len(todo), len(todo))
+
+    new_rows = new_tokens = 0
+    if todo:
+        init_ray(config.ray)
+        sampling = config.sampling
+        dataset = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * sampling.num_actors)))
+        dataset = dataset.map_batches(
+            ContrastiveSampler,
+            fn_constructor_kwargs=dict(
+                expert=config.expert,
+                amateur=config.amateur,
+                alpha=sampling.alpha,
+                beta=sampling.beta,
+                max_new_tokens=sampling.max_new_tokens,
+                position_chunk=sampling.position_chunk,
+            ),
+            batch_size=sampling.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=sampling.num_actors),
+            num_gpus=sampling.gpus_per_actor or None,
+            num_cpus=sampling.cpus_per_actor,
+        )
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(todo), desc="sampling problems", unit="problem") as progress:
+            for batch in dataset.iter_batches(batch_size=sampling.rows_per_file, batch_format="pyarrow"):
+                storage.write_parquet_atomic(batch, samples_dir, f"part-{uuid.uuid4().hex}.parquet")
+                new_rows += batch.num_rows
+                new_tokens += sum(len(c) for c in batch.column("completion_ids").to_pylist())
+                progress.update(batch.num_rows)
+    wall = time.time() - started
+    summary = summarize_samples(config, info, wall_time=wall, new_rows=new_rows, new_tokens=new_tokens,
+                                resumed=len(problems) - len(todo))
+    storage.write_json_atomic(join_path(config.output_dir, "samples_summary.json"), summary)
+    return summary
+
+
+def summarize_samples(config: Config, info: dict[str, Any], wall_time: float, new_rows: int, new_tokens: int,
+                      resumed: int) -> dict[str, Any]:
+    """Counts, KL distribution and timings over everything in ``<output_dir>/samples``."""
+    files = storage.list_parquet_files(config.samples_dir)
+    columns = ["completion_ids", "steps", "position_kl"]
+    tables = [storage.read_parquet(path, columns=columns) for path in files]
+    completion_tokens = selected = problems = 0
+    all_kl: list[np.ndarray] = []
+    for table in tables:
+        problems += table.num_rows
+        completion_tokens += sum(len(c) for c in table.column("completion_ids").to_pylist())
+        selected += sum(len(s) for s in table.column("steps").to_pylist())
+        all_kl.extend(np.asarray(k, dtype=np.float32) for k in table.column("position_kl").to_pylist())
+    kl = np.concatenate(all_kl) if all_kl else np.zeros(0, dtype=np.float32)
+    quantiles = {f"p{q}": float(np.quantile(kl, q / 100)) for q in (5, 25, 50, 75, 95, 99)} if kl.size else {}
+    edges = [0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, float("inf")]
+    counts, _ = np.histogram(kl, bins=edges)
+    return {
+        "config": config.to_dict(),
+        "models": {"expert": config.expert.path, "amateur": config.amateur.path},
+        "problems_source": info["source"],
+        "counts": {
+            "problems": problems,
+            "completion_tokens": completion_tokens,
+            "selected_steps": selected,
+            "selection_ratio": selected / completion_tokens if completion_tokens else 0.0,
+            "skipped_invalid_rows": info["skipped_invalid"],
+            "resumed_problems": resumed,
+        },
+        "kl": {
+            "mean": float(kl.mean()) if kl.size else 0.0,
+            "quantiles": quantiles,
+            "histogram": {"edges": [e if e != float("inf") else "inf" for e in edges], "counts": counts.tolist()},
+            "beta": config.sampling.beta,
+        },
+        "timing": {
+            "wall_time_s": wall_time,
+            "problems_this_run": new_rows,
+            "completion_tokens_this_run": new_tokens,
+            "tokens_per_s": new_tokens / wall_time if wall_time > 0 else 0.0,
+        },
+    }
