@@ -34,6 +34,30 @@ def _sample(config: Config) -> dict:
     return summary
 
 
+def _train(config: Config) -> dict:
+    from lightreasoner_ray.training import run_training
+
+    return run_training(config)
+
+
+def _evaluate(config: Config) -> dict:
+    from lightreasoner_ray.evaluation import run_evaluation
+
+    return run_evaluation(config)
+
+
+def _export(config: Config) -> dict:
+    from lightreasoner_ray.export import run_export
+
+    return run_export(config)
+
+
+def _run(config: Config) -> dict:
+    from lightreasoner_ray.pipeline import run_pipeline
+
+    return run_pipeline(config)
+
+
 def _demo(config: Config) -> dict:
     from lightreasoner_ray.demo import run_demo
 
@@ -42,6 +66,10 @@ def _demo(config: Config) -> dict:
 
 STAGES: dict[str, Callable[[Config], dict]] = {
     "sample": _sample,
+    "train": _train,
+    "evaluate": _evaluate,
+    "run": _run,
+    "export": _export,
     "demo": _demo,
 }
 

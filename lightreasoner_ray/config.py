@@ -169,6 +169,14 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    # The adapter to merge; empty means <output_dir>/model.
+    adapter: str = ""
+    # Where the merged model goes; empty means <output_dir>/merged.
+    output: str = ""
+
+
+@dataclass
 class RayConfig:
     # Cluster address; empty means RAY_ADDRESS if set, else a new local instance.
     address: str = ""
@@ -183,6 +191,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "outputs/run"
 

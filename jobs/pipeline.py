@@ -1,0 +1,8 @@
+"""The whole pipeline (sample -> train -> evaluate) as a Ray job: ``ray job submit -- python jobs/pipeline.py --config C [key=value ...]``."""
+
+import sys
+
+from lightreasoner_ray.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("run"))
