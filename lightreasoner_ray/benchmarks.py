@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.grading import last_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -214,21 +215,6 @@ def _hub_rows(name: str, split: str, missing: Path) -> Iterator[tuple[str, int, 
             yield source, index, dict(row)
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), with nested braces."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for position in range(start, len(text)):
-            if text[position] == "{":
-                depth += 1
-            elif text[position] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:position]
-    return None
-
-
 def _clean_number(value: float) -> str:
     """``8.0`` -> ``8``; ``2.5`` stays ``2.5``."""
     if value == int(value):
@@ -284,7 +270,7 @@ def _asdiv_answer(raw: str) -> str:
     negated = _ASDIV_NEGATED_FRACTION.fullmatch(answer)
     if negated:
         return "-" + negated.group(1)
-    return answer.rstrip(".") if not re.search(r"\d\.$", answer) else answer
+    return answer
 
 
 def _asdiv_row(context: _RowContext) -> dict[str, Any]:

@@ -32,13 +32,15 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
-RELATIVE_TOLERANCE = Fraction(1, 10_000)
+RELATIVE_TOLERANCE = Fraction(1, 10_000)  # for answers written with decimals
+EXACT_TOLERANCE = 1e-15  # for exact expressions evaluated to 30 digits
 SYMBOLIC_TIMEOUT = 4.0  # seconds of symbolic work allowed per is_equivalent call
 
+MAX_COMPLETION_CHARS = 200_000  # extraction reads at most this much of a completion's end
 MAX_ANSWER_CHARS = 2_000  # longer answers are graded wrong without being read
 MAX_EXPRESSION_CHARS = 500  # longer single expressions are not parsed
 MAX_NESTING = 40  # bracket / exponent depth the parser accepts
@@ -46,6 +48,7 @@ MAX_ITEMS = 64  # elements of a tuple, list or matrix
 MAX_POWER_BITS = 4_096  # size of an exact number a power may produce
 MAX_EXPONENT = 1_000  # |exponent| allowed on a non-numeric base
 MAX_SCI_EXPONENT = 400  # |e| in 1.5e-7 style literals
+MAX_FACTORIAL = 500  # n! beyond this is refused (500! has ~3,800 bits)
 
 CHOICE_BENCHMARKS = frozenset({"mmlu_stem", "mmlu"})
 _CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -55,8 +58,10 @@ _CHOICE_LETTERS = "ABCDEFGHIJ"
 # Extraction
 # --------------------------------------------------------------------------------------
 
+_BRACES = re.compile(r"[{}]")
 _BOXED_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOXED_BARE = re.compile(r"\\boxed\s+([^\s$]+)")
+_FILLER_WORDS = re.compile(r"^(?:(?:therefore|thus|hence|so|then|simply|just|equal\s+to|:)\s*)+", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*", re.IGNORECASE)
 _LAST_NUMBER = re.compile(
     r"(?:(?<![\w.])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?(?![\d])"
@@ -66,14 +71,27 @@ _LAST_NUMBER = re.compile(
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces included."""
     starts = [match.end() for match in _BOXED_START.finditer(text)]
-    for start in reversed(starts[-50:]):  # bounded: unclosed boxes must not cost n^2
-        end = _matching_brace(text, start)
-        if end is not None:
-            return text[start:end]
+    if starts:
+        closing = _closing_braces(text, starts[0] - 1)
+        for start in reversed(starts):
+            end = closing.get(start - 1)
+            if end is not None:
+                return text[start:end]
     bare = None
     for bare in _BOXED_BARE.finditer(text):
         pass
     return bare.group(1) if bare else None
+
+
+def _closing_braces(text: str, begin: int) -> dict[int, int]:
+    """Position of each ``{`` from ``begin`` on -> position of its ``}``, in one pass."""
+    closing, open_braces = {}, []
+    for brace in _BRACES.finditer(text, begin):
+        if brace.group() == "{":
+            open_braces.append(brace.start())
+        elif open_braces:
+            closing[open_braces.pop()] = brace.start()
+    return closing
 
 
 def _matching_brace(text: str, start: int) -> int | None:
@@ -100,6 +118,7 @@ def extract_answer(text: str, benchmark: str, choices: Sequence[str] | None = No
     """
     if not text:
         return ""
+    text = text[-MAX_COMPLETION_CHARS:]  # final answers are at the end; bounds the work
     if benchmark in CHOICE_BENCHMARKS:
         return _extract_choice(text, choices)
     boxed = last_boxed(text)
@@ -121,7 +140,9 @@ def _stated_answer(text: str) -> str:
         return ""
     rest = text[last.end() :].split("\n", 1)[0]
     rest = re.split(r"\.\s+(?=[A-Z])", rest, maxsplit=1)[0]  # "... is 5. So ..." keeps "5"
-    return rest.strip().strip("*").strip().rstrip(".").strip().strip("$").strip()
+    rest = rest.rsplit("=", 1)[-1]  # "... is 3 * 4 = 12" keeps "12"
+    rest = _FILLER_WORDS.sub("", rest.strip().strip("*").strip())
+    return rest.rstrip(".").strip().strip("$").strip()
 
 
 _CHOICE_WRAPPERS = re.compile(r"^(?:\s|[:*$({\[]|\\text(?:bf)?\s*\{|\\mathrm\s*\{|(?i:option|choice)\b)+")
@@ -141,7 +162,7 @@ def _extract_choice(text: str, choices: Sequence[str] | None) -> str:
         letter = _leading_letter(boxed, letters)
         if letter:
             return letter
-        if choices:
+        if choices and len(boxed) <= MAX_ANSWER_CHARS:
             wanted = _casefold_key(boxed)
             for letter, choice in zip(letters, choices):
                 if wanted and wanted == _casefold_key(choice):
@@ -174,7 +195,8 @@ _UNWRAP_COMMANDS = re.compile(
     r"\\(?:text|textbf|textit|textrm|textsf|textnormal|mbox|hbox|mathrm|mathbf|mathit|mathsf"
     r"|mathnormal|operatorname|boxed|fbox)\s*\{"
 )
-_SPACING = re.compile(r"\\[!,;: ]|\\q?quad(?![A-Za-z])|~|\\displaystyle(?![A-Za-z])")
+_THIN_SPACES = re.compile(r"(?<!\\)\\[!,]")  # also used as thousands separators: 10\!080
+_SPACING = re.compile(r"(?<!\\)\\[;: ]|\\q?quad(?![A-Za-z])|~|\\displaystyle(?![A-Za-z])")
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![A-Za-z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])")
 _LHS_PREFIX = re.compile(
@@ -200,6 +222,7 @@ def normalize_answer(text: str) -> str:
     answer = _unwrap_commands(answer)
     answer = answer.replace(r"\left.", "").replace(r"\right.", "")
     answer = _SIZING.sub("", answer)
+    answer = _THIN_SPACES.sub("", answer)
     answer = _SPACING.sub(" ", answer)
     answer = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", answer)
     answer = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", answer)
@@ -269,7 +292,7 @@ class _Structure:
     __slots__ = ("kind", "text", "items", "ordered")
 
     def __init__(self, kind: str, text: str = "", items: tuple["_Structure", ...] = (), ordered: bool = True):
-        self.kind = kind  # "scalar", or e.g. "(]" for a bracketed sequence, "list", "union", "matrix"
+        self.kind = kind  # "scalar", "(]"-style brackets of a sequence, "set", "union", "matrix", "row", ":"
         self.text = text
         self.items = items
         self.ordered = ordered
@@ -329,14 +352,14 @@ def _structure(text: str, depth: int = 0) -> _Structure:
     if matrix:
         rows = [row for row in matrix.group(2).split("\\\\") if row.strip()]
         return _Structure(
-            "matrix", items=_items([_Structure("row", items=_items(row.split("&"), depth)) for row in rows])
+            "matrix", items=_items([_Structure("row", items=_items(row.split("&"), depth)) for row in rows], depth)
         )
     union = _split_top_level(text, "\\cup")
     if len(union) > 1:
         return _Structure("union", items=_items(union, depth), ordered=False)
     parts = _split_top_level(text, ",")
-    if len(parts) > 1:
-        return _Structure("list", items=_items(parts, depth), ordered=False)
+    if len(parts) > 1:  # a bare list of answers is compared as a set
+        return _Structure("set", items=_items(parts, depth), ordered=False)
     brackets = _enclosing_brackets(text)
     if brackets:
         opener, closer = brackets
@@ -352,7 +375,7 @@ def _structure(text: str, depth: int = 0) -> _Structure:
     if len(plus_minus) == 2 and all(part.strip() for part in plus_minus):
         base, offset = plus_minus
         both = [f"{base}+({offset})", f"{base}-({offset})"]
-        return _Structure("list", items=_items(both, depth), ordered=False)
+        return _Structure("set", items=_items(both, depth), ordered=False)
     return _Structure("scalar", text)
 
 
@@ -438,15 +461,31 @@ def _ratio(numerator: Fraction, denominator: Fraction) -> Fraction | None:
     return numerator / denominator if denominator else None
 
 
-def _numbers_close(left: Fraction, right: Fraction) -> bool:
+_DECIMAL_LITERAL = re.compile(r"\d\.|\.\d|\d[eE][-+]?\d")
+
+
+def _is_inexact(text: str) -> bool:
+    """Whether the text holds a decimal literal; only such answers get the tolerance.
+
+    Exact answers must match exactly: ``70001`` is not ``70000`` even though they
+    agree to 1e-4.
+    """
+    return bool(_DECIMAL_LITERAL.search(text))
+
+
+def _numbers_close(left: Fraction, right: Fraction, inexact: bool) -> bool:
+    if not inexact:
+        return left == right
     return abs(left - right) <= RELATIVE_TOLERANCE * max(abs(left), abs(right))
 
 
-def _numbers_equal(predicted: Fraction, reference: Fraction, percent: bool) -> bool:
-    if _numbers_close(predicted, reference):
+def _numbers_equal(predicted: Fraction, reference: Fraction, percent: bool, inexact: bool) -> bool:
+    if _numbers_close(predicted, reference, inexact):
         return True
     # "8%" may be answered "0.08" and "0.08" may be answered "8%".
-    return percent and (_numbers_close(predicted * 100, reference) or _numbers_close(predicted, reference * 100))
+    return percent and (
+        _numbers_close(predicted * 100, reference, inexact) or _numbers_close(predicted, reference * 100, inexact)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -466,6 +505,7 @@ _GREEK = frozenset(
 _FUNCTIONS = frozenset("sin cos tan sec csc cot arcsin arccos arctan sinh cosh tanh log ln exp".split())
 _OPERATOR_COMMANDS = {"cdot": "*", "times": "*", "ast": "*", "div": "/"}
 _CONSTANT_COMMANDS = {"pi": "pi", "infty": "oo", "infin": "oo"}
+_FLOOR_BRACKETS = {"lfloor": "open", "rfloor": "close", "lceil": "open", "rceil": "close"}
 _NUMBER_TOKEN = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _SUBSCRIPT = re.compile(r"_(?:\{\s*([A-Za-z0-9\\ ]{1,20})\s*\}|([A-Za-z0-9]))")
 
@@ -486,8 +526,12 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
             exponent = re.search(r"[eE]([-+]?\d+)$", literal)
             if exponent and abs(int(exponent.group(1))) > MAX_SCI_EXPONENT:
                 raise _ParseError("number literal too large")
-            tokens.append(("num", literal))
             position = match.end()
+            if _SUBSCRIPT.match(text, position):  # 52_8: a numeral in another base, kept opaque
+                name, position = _with_subscript(text, literal, position)
+                tokens.append(("sym", name))
+            else:
+                tokens.append(("num", literal))
         elif char.isascii() and char.isalpha():
             name, position = _with_subscript(text, char, position + 1)
             tokens.append(_letter_token(name))
@@ -496,8 +540,10 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
             if not match:
                 raise _ParseError(f"unsupported command at {position}")
             command, position = match.group(1), match.end()
-            if command in ("frac", "sqrt"):
+            if command in ("frac", "sqrt", "binom"):
                 tokens.append((command, command))
+            elif command in _FLOOR_BRACKETS:
+                tokens.append((_FLOOR_BRACKETS[command], command))
             elif command in _FUNCTIONS:
                 tokens.append(("func", command))
             elif command in _OPERATOR_COMMANDS:
@@ -512,7 +558,7 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
         elif text.startswith("**", position):
             tokens.append(("op", "^"))
             position += 2
-        elif char in "+-*/^=":
+        elif char in "+-*/^=!":
             tokens.append(("op", char))
             position += 1
         elif char in "([{":
@@ -546,8 +592,9 @@ def _letter_token(name: str) -> tuple[str, str]:
     return ("sym", name)
 
 
-_CLOSING = {"(": ")", "[": "]", "{": "}"}
-_PRIMARY_STARTS = frozenset({"num", "sym", "const", "func", "frac", "sqrt", "open"})
+_CLOSING = {"(": ")", "[": "]", "{": "}", "lfloor": "rfloor", "lceil": "rceil"}
+_ROUNDING = {"lfloor": "floor", "lceil": "ceiling"}
+_PRIMARY_STARTS = frozenset({"num", "sym", "const", "func", "frac", "sqrt", "binom", "open"})
 
 
 class _Parser:
@@ -559,9 +606,10 @@ class _Parser:
         expr     := ["+"|"-"] term (("+"|"-") term)*
         term     := signed (("*"|"/") signed | factor)*
         signed   := ("+"|"-") signed | factor
-        factor   := primary ["^" exponent]
-        primary  := num | sym | const | (expr) | [expr] | {expr}
-                  | \\frac arg arg | \\sqrt[[n]] arg | func[^exponent][_base] arg
+        factor   := primary ["!"]* ["^" exponent]
+        primary  := num | sym | const | (expr) | [expr] | {expr} | \\lfloor expr \\rfloor
+                  | \\lceil expr \\rceil | \\frac arg arg | \\binom arg arg | \\sqrt[[n]] arg
+                  | func[^exponent][_base] arg
     """
 
     def __init__(self, tokens: list[tuple[str, str]]):
@@ -644,6 +692,8 @@ class _Parser:
 
     def factor(self) -> list:
         base = self.primary()
+        while self.accept("op", "!"):
+            base = ["factorial", base]
         if self.accept("op", "^"):
             return ["pow", base, self.exponent()]
         return base
@@ -669,6 +719,8 @@ class _Parser:
         inner = self.nested(self.expr)
         if not self.accept("close", _CLOSING[opener]):
             raise _ParseError(f"unbalanced {opener!r}")
+        if opener in _ROUNDING:
+            return ["func", _ROUNDING[opener], inner, None]
         return inner
 
     def argument(self) -> list:
@@ -690,6 +742,8 @@ class _Parser:
             return ["const", value]
         if kind == "frac":
             return ["div", self.nested(self.argument), self.nested(self.argument)]
+        if kind == "binom":
+            return ["binomial", self.nested(self.argument), self.nested(self.argument)]
         if kind == "sqrt":
             index = None
             if self.accept("open", "["):
@@ -798,20 +852,21 @@ class _ScalarJudge:
             return _spaceless(predicted).casefold() == _spaceless(reference).casefold()
         if len(reference) == 1 and reference in _CHOICE_LETTERS:
             return predicted.strip().upper() == reference
+        inexact = _is_inexact(predicted) or _is_inexact(reference)
         predicted_number, reference_number = _plain_number(predicted), _plain_number(reference)
         if predicted_number is not None and reference_number is not None:
-            return _numbers_equal(predicted_number, reference_number, self.percent)
+            return _numbers_equal(predicted_number, reference_number, self.percent, inexact)
         try:
             predicted_tree, reference_tree = parse_expression(predicted), parse_expression(reference)
         except (_ParseError, RecursionError):
             return False
         predicted_value, reference_value = _rational_value(predicted_tree), _rational_value(reference_tree)
         if predicted_value is not None and reference_value is not None:
-            return _numbers_equal(predicted_value, reference_value, self.percent)
+            return _numbers_equal(predicted_value, reference_value, self.percent, inexact)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             return False
-        return _symbolic_worker().compare(predicted_tree, reference_tree, remaining)
+        return _symbolic_worker().compare(predicted_tree, reference_tree, inexact, remaining)
 
 
 # --------------------------------------------------------------------------------------
@@ -837,16 +892,16 @@ class _SymbolicWorker:
         self._owner_pid = os.getpid()
         self._buffer = b""
 
-    def compare(self, left: list, right: list, timeout: float) -> bool:
+    def compare(self, left: list, right: list, inexact: bool, timeout: float) -> bool:
         with self._lock:
-            deadline = time.monotonic() + timeout
             try:
                 process = self._running_process()
             except (OSError, TimeoutError) as exc:
                 logger.warning("cannot start the symbolic grading worker (%s); grading symbolically as wrong", exc)
                 return False
+            deadline = time.monotonic() + timeout  # the one-off start-up is not charged
             try:
-                process.stdin.write(json.dumps([left, right]).encode() + b"\n")
+                process.stdin.write(json.dumps([left, right, inexact]).encode() + b"\n")
                 process.stdin.flush()
             except OSError:
                 self._stop()
@@ -929,7 +984,7 @@ def _symbolic_worker() -> _SymbolicWorker:
 
 
 def _serve_symbolic_requests() -> None:
-    """Worker main loop: read ``[tree, tree]`` lines, answer ``1`` (equal) or ``0``."""
+    """Worker main loop: read ``[tree, tree, inexact]`` lines, answer ``1`` (equal) or ``0``."""
     try:
         import resource
 
@@ -944,8 +999,8 @@ def _serve_symbolic_requests() -> None:
     sys.stdout.buffer.flush()
     for line in sys.stdin.buffer:
         try:
-            left, right = json.loads(line)
-            equal = _symbolic_equal(left, right)
+            left, right, inexact = json.loads(line)
+            equal = _symbolic_equal(left, right, EXACT_TOLERANCE if not inexact else float(RELATIVE_TOLERANCE))
         except Exception:  # any failure on untrusted input means "not shown equal"
             equal = False
         sys.stdout.buffer.write(b"1\n" if equal else b"0\n")
@@ -987,7 +1042,19 @@ def _to_sympy(tree: list) -> Any:
         if tree[1] == "log" and tree[3] is not None:
             return sympy.log(argument, _to_sympy(tree[3]))
         function = {"ln": sympy.log, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}.get(tree[1])
+        if tree[1] not in _FUNCTIONS and tree[1] not in _ROUNDING.values():
+            raise ValueError(f"unknown function {tree[1]!r}")
         return (function or getattr(sympy, tree[1]))(argument)
+    if kind == "factorial":
+        argument = _to_sympy(tree[1])
+        if argument.is_number and abs(complex(argument.evalf(15))) > MAX_FACTORIAL:
+            raise ValueError("factorial too large")
+        return sympy.factorial(argument)
+    if kind == "binomial":
+        top, bottom = _to_sympy(tree[1]), _to_sympy(tree[2])
+        if top.is_number and abs(complex(top.evalf(15))) > MAX_POWER_BITS:
+            raise ValueError("binomial too large")
+        return sympy.binomial(top, bottom)
     if kind == "eq":
         return ("eq", _to_sympy(tree[1]), _to_sympy(tree[2]))
     raise ValueError(f"unknown node {kind!r}")
@@ -1015,17 +1082,19 @@ def _bounded_power(base: Any, exponent: Any) -> Any:
 _SAMPLE_POINTS = 3
 
 
-def _symbolic_equal(left_tree: list, right_tree: list) -> bool:
+def _symbolic_equal(left_tree: list, right_tree: list, tolerance: float) -> bool:
     left, right = _to_sympy(left_tree), _to_sympy(right_tree)
     if isinstance(left, tuple) or isinstance(right, tuple):
         if not (isinstance(left, tuple) and isinstance(right, tuple)):
             return False
         left_side, right_side = left[1] - left[2], right[1] - right[2]
-        return _expressions_equal(left_side, right_side) or _expressions_equal(left_side, -right_side)
-    return _expressions_equal(left, right)
+        return _expressions_equal(left_side, right_side, tolerance) or _expressions_equal(
+            left_side, -right_side, tolerance
+        )
+    return _expressions_equal(left, right, tolerance)
 
 
-def _expressions_equal(left: Any, right: Any) -> bool:
+def _expressions_equal(left: Any, right: Any, tolerance: float) -> bool:
     """Exact match, else agreement within the tolerance at a few random points."""
     import random
 
@@ -1033,38 +1102,36 @@ def _expressions_equal(left: Any, right: Any) -> bool:
 
     if left == right:
         return True
-    if left.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) or right.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+    infinities = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+    if left.has(*infinities) or right.has(*infinities):
         return False
     symbols = sorted(left.free_symbols | right.free_symbols, key=str)
+    step_functions = (sympy.floor, sympy.ceiling, sympy.factorial, sympy.binomial)
+    wanted = _SAMPLE_POINTS * (4 if left.has(*step_functions) or right.has(*step_functions) else 1)
     rng = random.Random(0)
     checked = 0
-    for _ in range(4 * _SAMPLE_POINTS):
-        point = {symbol: sympy.Rational(rng.randint(1100, 2900), 1000) for symbol in symbols}
-        left_value, right_value = _complex_value(left, point), _complex_value(right, point)
+    for _ in range(4 * wanted):
+        # Positive points away from 0 and 1, where textbook answers are defined.
+        point = {symbol: sympy.Rational(rng.randint(1100, 9900), 1000) for symbol in symbols}
+        left_value, right_value = _numeric_value(left, point), _numeric_value(right, point)
         if left_value is None or right_value is None:
+            if not symbols:
+                return False
             continue
-        scale = max(abs(left_value), abs(right_value))
-        if abs(left_value - right_value) > float(RELATIVE_TOLERANCE) * scale:
+        scale = sympy.Max(abs(left_value), abs(right_value))
+        if bool(abs(left_value - right_value) > tolerance * scale):
             return False
         checked += 1
-        if checked == _SAMPLE_POINTS or not symbols:
+        if checked == wanted or not symbols:
             return True
     # Nowhere evaluable (e.g. undefined on the sample range): fall back to algebra.
     return sympy.simplify(left - right) == 0
 
 
-def _complex_value(expression: Any, point: dict) -> complex | None:
+def _numeric_value(expression: Any, point: dict) -> Any:
+    """The value at ``point`` as a 30-digit sympy number, or None where undefined."""
     value = expression.evalf(30, subs=point)
-    if not value.is_number or value.has(sympy_nan_like()):
+    magnitude = abs(value)
+    if not (magnitude.is_Number and magnitude.is_finite):
         return None
-    try:
-        result = complex(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return result if math.isfinite(result.real) and math.isfinite(result.imag) else None
-
-
-def sympy_nan_like() -> tuple:
-    import sympy
-
-    return (sympy.nan, sympy.zoo, sympy.oo, -sympy.oo)
+    return value
