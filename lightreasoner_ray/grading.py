@@ -80,7 +80,7 @@ def last_boxed(text: str) -> str | None:
     bare = None
     for bare in _BOXED_BARE.finditer(text):
         pass
-    return bare.group(1) if bare else None
+    return bare.group(1).rstrip(".,;") if bare else None
 
 
 def _closing_braces(text: str, begin: int) -> dict[int, int]:
@@ -205,12 +205,16 @@ _LHS_PREFIX = re.compile(
 )
 _UNIT_SPLIT = re.compile(
     r"(?P<number>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
-    r"|[-+]?\\frac\{[^{}]*\}\{[^{}]*\})(?P<space>\s*)(?P<unit>[A-Za-z][A-Za-z0-9^{}/.' -]*)"
+    r"|[-+]?\\frac\{[^{}]*\}\{[^{}]*\})(?P<space>\s*)(?P<unit>[A-Za-z][A-Za-z0-9^{}/.' ]*)"
 )
+# Unit words compared case-insensitively; other words of 3+ letters after a space
+# ("18 apples") count as units too. Single letters are variables unless spaced off
+# and in the case-sensitive _UNIT_LETTERS ("2 n" is an expression, "5 m" a length).
 _UNITS = frozenset(
-    "m cm mm km nm um s sec ms min h hr hrs g kg mg lb lbs oz ft in yd mi mph kph kmh l ml k j kj n w kw v a hz "
+    "cm mm km nm um sec ms min hr hrs kg mg lb lbs oz ft in yd mi mph kph kmh ml kj kw hz "
     "ev kev mev pa kpa atm mol rad sq cu".split()
 )
+_UNIT_LETTERS = frozenset("msghKJNWVL")
 _PAREN_LETTER = re.compile(r"\(([A-J])\)")
 
 
@@ -262,7 +266,13 @@ def _strip_unit(answer: str) -> str:
         return answer
     words = re.findall(r"[A-Za-z]+", match.group("unit"))
     spaced = bool(match.group("space"))
-    if all(word.lower() in _UNITS or (spaced and len(word) >= 3) for word in words):
+
+    def is_unit(word: str) -> bool:
+        if len(word) == 1:
+            return spaced and word in _UNIT_LETTERS
+        return word.lower() in _UNITS or (spaced and len(word) >= 3)
+
+    if all(is_unit(word) for word in words):
         return match.group("number").strip()
     return answer
 
@@ -678,7 +688,11 @@ class _Parser:
             elif kind in _PRIMARY_STARTS:
                 if kind == "num" and self.tokens[self.position - 1][0] == "num":
                     raise _ParseError("two numbers in a row")
-                factors.append(self.factor())
+                factor = self.factor()
+                if _is_integer_literal(factors[-1]) and _is_fraction_literal(factor):
+                    factors[-1] = ["add", [factors[-1], factor]]  # 1\frac{4}{5} is a mixed number
+                else:
+                    factors.append(factor)
             else:
                 break
         return factors[0] if len(factors) == 1 else ["mul", factors]
@@ -769,6 +783,14 @@ class _Parser:
         return ["pow", call, power] if power is not None else call
 
 
+def _is_integer_literal(tree: list) -> bool:
+    return tree[0] == "num" and tree[1].isdigit()
+
+
+def _is_fraction_literal(tree: list) -> bool:
+    return tree[0] == "div" and _is_integer_literal(tree[1]) and _is_integer_literal(tree[2])
+
+
 def parse_expression(text: str) -> list:
     """Parse one maths expression into a syntax tree (nested JSON-able lists).
 
@@ -850,8 +872,10 @@ class _ScalarJudge:
             return True
         if _PROSE.fullmatch(reference) and re.search(r"[A-Za-z]{3}", reference):
             return _spaceless(predicted).casefold() == _spaceless(reference).casefold()
+        if len(predicted) == len(reference) == 1 and (predicted in _CHOICE_LETTERS or reference in _CHOICE_LETTERS):
+            return predicted.upper() == reference.upper()  # choice letters, whatever the case
         if len(reference) == 1 and reference in _CHOICE_LETTERS:
-            return predicted.strip().upper() == reference
+            return False
         inexact = _is_inexact(predicted) or _is_inexact(reference)
         predicted_number, reference_number = _plain_number(predicted), _plain_number(reference)
         if predicted_number is not None and reference_number is not None:
@@ -1100,10 +1124,12 @@ def _expressions_equal(left: Any, right: Any, tolerance: float) -> bool:
 
     import sympy
 
+    undefined = (sympy.zoo, sympy.nan)
+    if left.has(*undefined) or right.has(*undefined):
+        return False
     if left == right:
         return True
-    infinities = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
-    if left.has(*infinities) or right.has(*infinities):
+    if left.has(sympy.oo, -sympy.oo) or right.has(sympy.oo, -sympy.oo):
         return False
     symbols = sorted(left.free_symbols | right.free_symbols, key=str)
     step_functions = (sympy.floor, sympy.ceiling, sympy.factorial, sympy.binomial)
