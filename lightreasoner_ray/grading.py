@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -296,16 +297,14 @@ _RATIO = re.compile(r"-?\d+(?:\.\d+)?(?::-?\d+(?:\.\d+)?)+")
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.DOTALL)
 
 
+@dataclass(frozen=True)
 class _Structure:
-    """A parsed answer: a scalar, or items with a kind (ordered or not) and brackets."""
+    """A parsed answer: a scalar, or items with a kind (ordered or not)."""
 
-    __slots__ = ("kind", "text", "items", "ordered")
-
-    def __init__(self, kind: str, text: str = "", items: tuple["_Structure", ...] = (), ordered: bool = True):
-        self.kind = kind  # "scalar", "(]"-style brackets of a sequence, "set", "union", "matrix", "row", ":"
-        self.text = text
-        self.items = items
-        self.ordered = ordered
+    kind: str  # "scalar", "(]"-style brackets of a sequence, "set", "union", "matrix", "row", ":"
+    text: str = ""
+    items: tuple[_Structure, ...] = ()
+    ordered: bool = True
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:
@@ -515,6 +514,7 @@ _GREEK = frozenset(
 _FUNCTIONS = frozenset("sin cos tan sec csc cot arcsin arccos arctan sinh cosh tanh log ln exp".split())
 _OPERATOR_COMMANDS = {"cdot": "*", "times": "*", "ast": "*", "div": "/"}
 _CONSTANT_COMMANDS = {"pi": "pi", "infty": "oo", "infin": "oo"}
+_COMMAND = re.compile(r"\\([A-Za-z]+)")
 _FLOOR_BRACKETS = {"lfloor": "open", "rfloor": "close", "lceil": "open", "rceil": "close"}
 _NUMBER_TOKEN = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _SUBSCRIPT = re.compile(r"_(?:\{\s*([A-Za-z0-9\\ ]{1,20})\s*\}|([A-Za-z0-9]))")
@@ -546,7 +546,7 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
             name, position = _with_subscript(text, char, position + 1)
             tokens.append(_letter_token(name))
         elif char == "\\":
-            match = re.compile(r"\\([A-Za-z]+)").match(text, position)
+            match = _COMMAND.match(text, position)
             if not match:
                 raise _ParseError(f"unsupported command at {position}")
             command, position = match.group(1), match.end()
@@ -933,6 +933,9 @@ class _SymbolicWorker:
             reply = self._read_line(deadline)
             if reply is None:
                 logger.warning("symbolic comparison exceeded %.2fs; worker killed and graded wrong", timeout)
+            elif not reply:
+                logger.warning("symbolic grading worker exited (code %s); graded wrong", process.poll())
+            if not reply:
                 self._stop()
                 return False
             return reply.strip() == b"1"
@@ -963,7 +966,7 @@ class _SymbolicWorker:
         return self._process
 
     def _read_line(self, deadline: float) -> bytes | None:
-        """The next line from the worker, or None at the deadline or end of stream."""
+        """The next line from the worker; ``b""`` if it exited, None at the deadline."""
         assert self._process is not None
         descriptor = self._process.stdout.fileno()
         with selectors.DefaultSelector() as selector:
@@ -974,7 +977,7 @@ class _SymbolicWorker:
                     return None
                 chunk = os.read(descriptor, 65536)
                 if not chunk:
-                    return None
+                    return b""
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line + b"\n"
