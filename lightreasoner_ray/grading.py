@@ -206,7 +206,8 @@ _LHS_PREFIX = re.compile(
 )
 _UNIT_SPLIT = re.compile(
     r"(?P<number>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
-    r"|[-+]?\\frac\{[^{}]*\}\{[^{}]*\})(?P<space>\s*)(?P<unit>[A-Za-z][A-Za-z0-9^{}/.' ]*)"
+    r"(?:\s*\\times\s*10\^\{?[-+]?\d+\}?)?"
+    r"|[-+]?\\frac\{[^{}]*\}\{[^{}]*\})(?P<space>\s*)(?P<unit>[A-Za-z](?:[A-Za-z/.' ]|\^\{?-?\d\}?)*)"
 )
 # Unit words compared case-insensitively; other words of 3+ letters after a space
 # ("18 apples") count as units too. Single letters are variables unless spaced off
@@ -224,7 +225,7 @@ def normalize_answer(text: str) -> str:
     answer = text.strip()
     for char, replacement in _UNICODE.items():
         answer = answer.replace(char, replacement)
-    answer = _unwrap_commands(answer)
+    answer = _unwrap_commands(answer).replace("{,}", ",")
     answer = answer.replace(r"\left.", "").replace(r"\right.", "")
     answer = _SIZING.sub("", answer)
     answer = _THIN_SPACES.sub("", answer)
