@@ -330,11 +330,9 @@ def _split_top_level(text: str, separator: str) -> list[str]:
 
 def _enclosing_brackets(text: str) -> tuple[str, str] | None:
     """``("[", ")")`` when ``text`` is one bracketed group like ``[1, 2)``, else None."""
-    opener_width = 2 if text.startswith("\\{") else 1
-    if not text or text[0] not in _OPENERS and opener_width == 1:
-        return None
-    closer_width = 2 if text.endswith("\\}") else 1
-    if text[-1] not in _CLOSERS:
+    opener = "\\{" if text.startswith("\\{") else text[:1]
+    closer = "\\}" if text.endswith("\\}") else text[-1:]
+    if not opener or opener[-1] not in _OPENERS or closer[-1:] not in tuple(_CLOSERS):
         return None
     depth = 0
     for position, char in enumerate(text):
@@ -343,10 +341,8 @@ def _enclosing_brackets(text: str) -> tuple[str, str] | None:
         elif char in _CLOSERS:
             depth -= 1
             if depth == 0 and position != len(text) - 1:
-                return None
-    if depth != 0:
-        return None
-    return text[:opener_width], text[len(text) - closer_width :]
+                return None  # "(1)(2)": the first group closes early
+    return (opener, closer) if depth == 0 else None
 
 
 def _structure(text: str, depth: int = 0) -> _Structure:
@@ -916,13 +912,21 @@ class _SymbolicWorker:
         self._process: subprocess.Popen | None = None
         self._owner_pid = os.getpid()
         self._buffer = b""
+        self._unavailable = False  # set once start-up fails, so we do not retry per answer
 
     def compare(self, left: list, right: list, inexact: bool, timeout: float) -> bool:
         with self._lock:
+            if self._unavailable:
+                return False
             try:
                 process = self._running_process()
             except (OSError, TimeoutError) as exc:
-                logger.warning("cannot start the symbolic grading worker (%s); grading symbolically as wrong", exc)
+                self._unavailable = True
+                logger.error(
+                    "cannot start the symbolic grading worker (%s; is sympy installed?); "
+                    "answers that need symbolic comparison will be graded wrong",
+                    exc,
+                )
                 return False
             deadline = time.monotonic() + timeout  # the one-off start-up is not charged
             try:
