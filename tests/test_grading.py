@@ -30,9 +30,9 @@ def _rows(name: str, split: str = "test") -> list[dict]:
     return load_benchmark(name, data_dir=DATA_DIR, split=split)
 
 
-def perturbed(answer: str, benchmark: str) -> str:
+def perturbed(answer: str, benchmark_name: str) -> str:
     """A wrong answer close to the reference: next letter, number + 1, first integer + 1."""
-    if benchmark == "mmlu_stem":
+    if benchmark_name == "mmlu_stem":
         return "ABCD"[("ABCD".index(answer) + 1) % 4]
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", answer):
         value = Fraction(answer) + 1
@@ -51,17 +51,17 @@ def _model_output(answer: str) -> str:
 
 
 @requires_data
-@pytest.mark.parametrize("benchmark,split", GOLD_SPLITS)
-def test_boxed_gold_answers_grade_correct_and_perturbed_answers_wrong(benchmark, split):
-    rows = _rows(benchmark, split)
+@pytest.mark.parametrize("benchmark_name,split", GOLD_SPLITS)
+def test_boxed_gold_answers_grade_correct_and_perturbed_answers_wrong(benchmark_name, split):
+    rows = _rows(benchmark_name, split)
     gold_failures, perturbed_passes = [], []
     for row in rows:
         reference, choices = row["answer"], row.get("choices")
-        extracted = extract_answer(_model_output(reference), benchmark, choices)
+        extracted = extract_answer(_model_output(reference), benchmark_name, choices)
         if not is_equivalent(extracted, reference):
             gold_failures.append((reference, extracted))
-        wrong = perturbed(reference, benchmark)
-        if is_equivalent(extract_answer(_model_output(wrong), benchmark, choices), reference):
+        wrong = perturbed(reference, benchmark_name)
+        if is_equivalent(extract_answer(_model_output(wrong), benchmark_name, choices), reference):
             perturbed_passes.append((reference, wrong))
     assert not gold_failures, f"{len(gold_failures)}/{len(rows)} gold answers graded wrong: {gold_failures[:5]}"
     assert not perturbed_passes, f"{len(perturbed_passes)}/{len(rows)} perturbed graded right: {perturbed_passes[:5]}"
@@ -82,21 +82,21 @@ def test_gsm8k_gold_solutions_ending_in_the_answer_is(split):
 
 
 @requires_data
-@pytest.mark.parametrize("benchmark", ["math500", "minerva_math"])
-def test_gold_solutions_grade_correct(benchmark):
-    raw_rows = [raw for _, raw in read_jsonl(benchmark_path(benchmark, DATA_DIR))]
+@pytest.mark.parametrize("benchmark_name", ["math500", "minerva_math"])
+def test_gold_solutions_grade_correct(benchmark_name):
+    raw_rows = [raw for _, raw in read_jsonl(benchmark_path(benchmark_name, DATA_DIR))]
     failures = [
         row["answer"]
-        for raw, row in zip(raw_rows, _rows(benchmark))
-        if not is_equivalent(extract_answer(raw["solution"], benchmark), row["answer"])
+        for raw, row in zip(raw_rows, _rows(benchmark_name))
+        if not is_equivalent(extract_answer(raw["solution"], benchmark_name), row["answer"])
     ]
     assert not failures, failures[:5]
 
 
-def _scalar_references(benchmark: str) -> list[str]:
+def _scalar_references(benchmark_name: str) -> list[str]:
     """References that are one parseable expression (not prose, lists or equations)."""
     references = []
-    for row in _rows(benchmark):
+    for row in _rows(benchmark_name):
         text = normalize_answer(row["answer"])
         if "=" in text or "," in text or re.fullmatch(r"[A-Za-z' .]+", text):
             continue
@@ -109,20 +109,21 @@ def _scalar_references(benchmark: str) -> list[str]:
 
 
 @requires_data
-@pytest.mark.parametrize("benchmark", ["math500", "minerva_math", "olympiadbench"])
-def test_rewritten_gold_answers_grade_correct_through_the_parser(benchmark):
+@pytest.mark.parametrize("benchmark_name", ["math500", "minerva_math", "olympiadbench"])
+def test_rewritten_gold_answers_grade_correct_through_the_parser(benchmark_name):
     """Every parseable reference, rewritten as ``2*(ref)/2``, is still equivalent (symbolic path)."""
-    references = _scalar_references(benchmark)
-    assert len(references) > 0.8 * len(_rows(benchmark)) * (0.5 if benchmark == "minerva_math" else 0.8)
+    references = _scalar_references(benchmark_name)
+    # The rest are lists, tuples, equations or prose (about 9%, 6% and 17% of the rows).
+    assert len(references) >= 0.8 * len(_rows(benchmark_name))
     failures = [ref for ref in references if not is_equivalent(f"2\\cdot({normalize_answer(ref)})/2", ref)]
     assert not failures, failures[:5]
 
 
 @requires_data
-@pytest.mark.parametrize("benchmark", ["math500", "minerva_math", "olympiadbench", "asdiv"])
-def test_numeric_gold_answers_match_their_decimal_form(benchmark):
+@pytest.mark.parametrize("benchmark_name", ["math500", "minerva_math", "olympiadbench", "asdiv"])
+def test_numeric_gold_answers_match_their_decimal_form(benchmark_name):
     checked = 0
-    for reference in _scalar_references(benchmark):
+    for reference in _scalar_references(benchmark_name):
         value = grading._rational_value(parse_expression(normalize_answer(reference)))
         if value is None or value == int(value):
             continue
