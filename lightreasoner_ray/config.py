@@ -41,6 +41,8 @@ class DataConfig:
     # A JSONL/JSON/Parquet file, or a Hugging Face dataset name when a hub is reachable.
     problems: str = "../shared/data/benchmarks/gsm8k/train.jsonl"
     split: str = "train"
+    # Hub dataset configuration name (openai/gsm8k needs "main").
+    subset: str = ""
     # Field holding the question; "auto" tries question, problem, prompt, input.
     question_field: str = "auto"
     # Field holding the id; "auto" tries id, idx, unique_id, else a hash of the question.
@@ -128,17 +130,28 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 100
+    # Checkpoints kept under <output_dir>/checkpoints (the oldest are deleted).
+    keep_checkpoints: int = 2
     log_every: int = 1
+    # Worker restarts (from the latest checkpoint) before a run fails; -1 retries forever.
     max_failures: int = 2
+    # Recompute activations in the backward pass (long sequences on large experts).
+    gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self, key: str) -> None:
-        for name in ("max_steps", "micro_batch_steps", "grad_accum", "num_workers", "checkpoint_every"):
+        for name in ("max_steps", "micro_batch_steps", "grad_accum", "num_workers", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LightReasonerError(f"{key}.lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "max_grad_norm", "weight_decay", "gpus_per_worker", "cpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise LightReasonerError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise LightReasonerError(f"{key}.max_failures must be >= -1, got {self.max_failures}")
         _check_choice(f"{key}.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
 
 
@@ -159,6 +172,10 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     system_prompt: str = EVAL_SYSTEM_PROMPT
+    # "hf" (Hugging Face generate) or an engine factory import path "package.module:factory".
+    engine: str = "hf"
+    # CPUs reserved by each grading task (they run alongside the evaluator actors).
+    grading_cpus: float = 1.0
 
     def validate(self, key: str) -> None:
         for name in ("max_new_tokens", "batch_size", "shard_size", "num_actors"):
@@ -166,6 +183,17 @@ class EvalConfig:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit <= 0:
             raise LightReasonerError(f"{key}.limit must be a positive integer or null, got {self.limit}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise LightReasonerError(f"{key}.gpus_per_actor and {key}.cpus_per_actor must be >= 0")
+        if self.grading_cpus <= 0:
+            raise LightReasonerError(f"{key}.grading_cpus must be > 0, got {self.grading_cpus}")
+        if not self.benchmarks:
+            raise LightReasonerError(f"{key}.benchmarks must name at least one benchmark")
+        repeated = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})
+        if repeated:
+            raise LightReasonerError(f"{key}.benchmarks lists {', '.join(repeated)} more than once")
+        if self.engine != "hf" and ":" not in self.engine:
+            raise LightReasonerError(f"{key}.engine must be 'hf' or an import path 'package.module:factory', got {self.engine!r}")
 
 
 @dataclass

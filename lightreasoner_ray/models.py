@@ -110,13 +110,21 @@ def shared_vocab_size(tokenizer: Any, *models: Any) -> int:
 
 
 def check_tokenizers_compatible(expert_tokenizer: Any, amateur_tokenizer: Any, expert_path: str, amateur_path: str) -> None:
-    """Raise unless both tokenizers give the same ids to the same strings on the shared vocabulary."""
-    expert_vocab = expert_tokenizer.get_vocab()
-    amateur_vocab = amateur_tokenizer.get_vocab()
+    """Raise unless both tokenizers give the same ids to the same strings on the shared vocabulary.
+
+    Added (special) tokens may differ, as DeepSeek-R1-Distill-Qwen's do from Qwen2.5's
+    on the same BPE vocabulary: that is logged, not refused, since ordinary text gets
+    the same ids and the reference implementation pairs such models too.
+    """
     shared = min(len(expert_tokenizer), len(amateur_tokenizer))
-    expert_by_id = {i: t for t, i in expert_vocab.items() if i < shared}
-    amateur_by_id = {i: t for t, i in amateur_vocab.items() if i < shared}
-    mismatched = [i for i in expert_by_id if amateur_by_id.get(i) != expert_by_id[i]]
+    added_ids = set(expert_tokenizer.get_added_vocab().values()) | set(amateur_tokenizer.get_added_vocab().values())
+    expert_by_id = {i: t for t, i in expert_tokenizer.get_vocab().items() if i < shared}
+    amateur_by_id = {i: t for t, i in amateur_tokenizer.get_vocab().items() if i < shared}
+    differing = sorted(i for i in expert_by_id if amateur_by_id.get(i) != expert_by_id[i])
+    mismatched = [i for i in differing if i not in added_ids]
+    if differing and not mismatched:
+        logger.warning("the expert and the amateur differ on %d special tokens (e.g. id %d: %r vs %r)", len(differing),
+                       differing[0], expert_by_id[differing[0]], amateur_by_id.get(differing[0]))
     probe_mismatch = next(
         (
             text

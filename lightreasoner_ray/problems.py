@@ -69,13 +69,13 @@ def _iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield number, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
 
 
-def _hub_rows(name: str, split: str) -> Iterator[tuple[int, Any, str | None]]:
+def _hub_rows(name: str, subset: str, split: str) -> Iterator[tuple[int, Any, str | None]]:
     try:
         import datasets
     except ImportError:
         raise LightReasonerError(f"problems file {name} does not exist (and `datasets` is not installed)") from None
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = datasets.load_dataset(name, subset or None, split=split)
     except Exception as exc:  # offline, unknown name, missing split: all mean "not here"
         raise LightReasonerError(
             f"problems {name!r} is neither a local file nor a reachable Hugging Face dataset ({type(exc).__name__}: "
@@ -102,7 +102,7 @@ def load_problems(config: DataConfig) -> LoadedProblems:
     elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or config.problems.startswith((".", "/", "~")):
         raise LightReasonerError(f"problems file {path} does not exist")
     else:
-        rows = _hub_rows(config.problems, config.split)
+        rows = _hub_rows(config.problems, config.subset, config.split)
         source = f"hub:{config.problems}[{config.split}]"
 
     problems: list[dict[str, str]] = []
