@@ -18,6 +18,7 @@ import pyarrow as pa
 from lightreasoner_ray.config import ModelConfig
 from lightreasoner_ray.contrast import contrast_positions
 from lightreasoner_ray.generation import completion_logits, greedy_generate
+from lightreasoner_ray.metrics import record_sampling
 from lightreasoner_ray.models import context_length, default_device, load_model, load_tokenizer, shared_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class ContrastiveSampler:
         """Ray Data entry point: a pyarrow batch of (problem_id, prompt_ids) in, samples out."""
         started = time.perf_counter()
         rows = self.sample(batch.column("problem_id").to_pylist(), batch.column("prompt_ids").to_pylist())
+        record_sampling(len(rows), sum(len(r["completion_ids"]) for r in rows), sum(len(r["steps"]) for r in rows))
         logger.info("sampled %d problems in %.2fs", len(rows), time.perf_counter() - started)
         return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
 
