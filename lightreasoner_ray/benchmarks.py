@@ -28,7 +28,9 @@ from lightreasoner_ray.grading import last_boxed
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
+# "toy" is the demo's held-out split of the toy arithmetic domain (lightreasoner_ray.toy),
+# written by `lightreasoner demo` to <data_dir>/toy/test.jsonl.
+BENCHMARKS = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem", "toy")
 # The seven columns of the LightReasoner paper's results table, in its order.
 PAPER_BENCHMARKS = ("gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
 
@@ -215,6 +217,10 @@ def _hub_rows(name: str, split: str, missing: Path) -> Iterator[tuple[str, int, 
             yield source, index, dict(row)
 
 
+def _toy_row(context: _RowContext) -> dict[str, Any]:
+    return {"question": context.field("question"), "answer": context.field("answer").strip()}
+
+
 def _clean_number(value: float) -> str:
     """``8.0`` -> ``8``; ``2.5`` stays ``2.5``."""
     if value == int(value):
@@ -314,4 +320,5 @@ _ROW_BUILDERS: dict[str, Callable[[_RowContext], dict[str, Any]]] = {
     "minerva_math": _minerva_row,
     "olympiadbench": _olympiadbench_row,
     "mmlu_stem": _mmlu_row,
+    "toy": _toy_row,
 }

@@ -49,7 +49,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 def test_names():
     assert set(PAPER_BENCHMARKS) <= set(BENCHMARKS)
     assert PAPER_BENCHMARKS == ("gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
-    assert len(BENCHMARKS) == 8
+    assert set(BENCHMARKS) == set(LOCAL_BENCHMARKS) | {"math", "toy"}
 
 
 @requires_data
@@ -129,6 +129,15 @@ def test_limit_takes_the_first_rows(loaded):
     for bad in (-1, 1.5, "3", True):
         with pytest.raises(LightReasonerError, match="limit"):
             load_benchmark("svamp", data_dir=DATA_DIR, limit=bad)
+
+
+def test_toy_split_loads_from_the_data_dir(tmp_path):
+    from lightreasoner_ray.toy import generate_problems
+
+    rows = generate_problems(5, seed=3, split="test")
+    _write_jsonl(tmp_path / "toy" / "test.jsonl", rows)
+    loaded = load_benchmark("toy", data_dir=tmp_path)
+    assert [(r["id"], r["question"], r["answer"]) for r in loaded] == [(r["id"], r["question"], r["answer"]) for r in rows]
 
 
 def test_unknown_name_lists_known_names():
