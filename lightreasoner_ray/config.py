@@ -205,6 +205,20 @@ class ExportConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``lightreasoner demo`` only: the toy problems and the repeats."""
+
+    train_problems: int = 256
+    test_problems: int = 200
+    # One LightReasoner / SFT / random-step training per seed; means and spread reported.
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def validate(self, key: str) -> None:
+        if self.train_problems <= 0 or self.test_problems <= 0 or not self.seeds:
+            raise LightReasonerError(f"{key}.train_problems, {key}.test_problems must be > 0 and {key}.seeds non-empty")
+
+
+@dataclass
 class RayConfig:
     # Cluster address; empty means RAY_ADDRESS if set, else a new local instance.
     address: str = ""
@@ -220,6 +234,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "outputs/run"
 
@@ -295,8 +310,12 @@ def build_config(tree: dict[str, Any]) -> Config:
     return config
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides."""
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict[str, Any]] = None) -> Config:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides.
+
+    ``base`` holds defaults that the YAML file and the overrides take precedence over.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -308,6 +327,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
             raise LightReasonerError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise LightReasonerError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    tree = _merge(base or {}, tree)
     for item in overrides or []:
         key, value = parse_override(item)
         apply_override(tree, key, value)
@@ -316,6 +336,13 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     except LightReasonerError as exc:
         where = f" (in {path})" if path is not None else ""
         raise LightReasonerError(f"{exc}{where}") from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def _build_dataclass(cls: type, values: Any, prefix: str) -> Any:
