@@ -76,8 +76,11 @@ def run_pipeline(config: Config) -> dict[str, Any]:
 def efficiency_report(config: Config, samples: dict[str, Any], training: dict[str, Any], results: dict[str, Any],
                       stage_seconds: dict[str, float]) -> dict[str, Any]:
     counts = samples["counts"]
-    sft_tokens = counts["completion_tokens"]  # SFT on the same trajectories tunes every completion token
-    tuned = training["tuned_tokens"]
+    # Tuned tokens are the distinct positions that carry a training signal: the
+    # selected steps for LightReasoner, every completion token for SFT on the same
+    # trajectories (the paper's measure; epochs do not multiply it).
+    sft_tokens = counts["completion_tokens"]
+    tuned = counts["selected_steps"]
     return {
         "output_dir": config.output_dir,
         "expert": config.expert.path,
@@ -92,6 +95,7 @@ def efficiency_report(config: Config, samples: dict[str, Any], training: dict[st
             "tuned_tokens_sft_same_trajectories": sft_tokens,
             "tuned_token_ratio": tuned / sft_tokens if sft_tokens else None,
             "training_forward_tokens": training.get("forward_tokens"),
+            "training_positions_processed": training.get("tuned_tokens"),
         },
         "training": {k: training.get(k) for k in ("steps", "final_loss", "model", "model_kind", "deepspeed_stage")},
         "results": results,
