@@ -1,0 +1,91 @@
+"""The distillation loss: KL(v_C || pi_theta) at the selected steps of packed trajectories.
+
+All selected steps of a trajectory share one forward pass: the decoder runs once over
+prompt + completion (right-padded with the other trajectories of the micro-batch),
+the hidden states at the selected positions are gathered, and only those go through
+the LM head. The logits predicting completion token t sit at sequence position
+len(prompt) - 1 + t, exactly where a one-sequence-per-step model would put its last
+position, so the loss equals training every step as its own sequence.
+
+No Ray, no DeepSpeed here: plain tensors and modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def sparse_kl_divergence(
+    logits: torch.Tensor, target_ids: torch.Tensor, target_probs: torch.Tensor
+) -> torch.Tensor:
+    """KL(v_C || pi) per step from ``[S, V]`` logits and a sparse ``[S, K]`` soft label.
+
+    ``pi`` is the full-vocabulary softmax of ``logits`` (computed in float32); the
+    label is zero outside its support, so KL = sum_k v_k (log v_k - log pi(id_k)).
+    Padded support entries carry probability 0 and contribute nothing.
+    """
+    model_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids)
+    target_probs = target_probs.float()
+    positive = target_probs > 0
+    target_logprobs = torch.where(positive, target_probs.clamp_min(1e-38).log(), torch.zeros_like(target_probs))
+    return (target_probs * (target_logprobs - model_logprobs)).sum(-1)
+
+
+class SelectedStepLogits(nn.Module):
+    """A causal LM that returns logits only at selected (row, position) pairs.
+
+    Wrapping the model (rather than calling its parts from the training loop) keeps
+    every parameter inside one module that DeepSpeed sees, so ZeRO-3's parameter
+    gathering hooks fire as usual.
+    """
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        config = getattr(causal_lm, "config", None)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        step_rows: torch.Tensor,
+        step_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        decoder = self.causal_lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        selected = hidden[step_rows, step_positions]
+        logits = self.causal_lm.get_output_embeddings()(selected)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+def step_kl(model: nn.Module, batch: Any) -> torch.Tensor:
+    """KL(v_C || pi_theta) at every selected step of a collated micro-batch, shape ``[S]``.
+
+    ``model`` is a ``SelectedStepLogits`` (or a DeepSpeed engine wrapping one);
+    ``batch`` has ``input_ids``, ``attention_mask``, ``step_rows``, ``step_positions``,
+    ``target_ids`` and ``target_probs`` tensors on the model's device.
+    """
+    logits = model(batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_positions)
+    return sparse_kl_divergence(logits, batch.target_ids, batch.target_probs)
+
+
+def update_loss_scale(world_size: int, grad_accum: int, update_steps: int) -> float:
+    """The factor that turns a micro-batch's KL *sum* into the loss handed to DeepSpeed.
+
+    An update's loss is the mean KL over all ``update_steps`` selected steps that all
+    workers train in it. DeepSpeed divides each micro-batch loss by ``grad_accum``
+    and averages gradients over ``world_size`` ranks, so the update's gradient is
+    (1 / (world_size * grad_accum)) * sum of micro-batch gradients; scaling each
+    micro-batch's KL sum by world_size * grad_accum / update_steps makes it exactly
+    the gradient of the mean, however the steps split into trajectories,
+    micro-batches and workers.
+    """
+    if update_steps <= 0:
+        raise ValueError("an update needs at least one selected step")
+    return world_size * grad_accum / update_steps

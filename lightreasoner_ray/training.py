@@ -1,0 +1,656 @@
+"""The training stage: Ray Train ``TorchTrainer`` workers running DeepSpeed ZeRO.
+
+Driver (``run_training``): finds the samples (a samples Parquet directory, or a
+reference-format JSONL it imports), checks them against the expert's vocabulary and
+context before any worker starts, hands them to Ray Data, runs the trainer, copies
+the final model to ``<output_dir>/model`` and writes ``train_summary.json``.
+
+Workers (``train_worker``): read their shard of trajectories, build the expert
+(LoRA via peft by default; under ZeRO-3 inside ``deepspeed.zero.Init`` so no worker
+holds it whole), resume from the latest Ray Train checkpoint if there is one, and
+run updates of ``grad_accum`` micro-batches each. Every rank runs the same number
+of forward/backward calls per update (a rank without data runs a weightless
+placeholder), which ZeRO-3's collective parameter gathering requires. Checkpoints
+(DeepSpeed state + step counter) go through ``ray.train.report`` every
+``train.checkpoint_every`` updates and at the end; a re-run or a restarted worker
+group resumes from the latest, skipping exactly the micro-batches already trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from ray.train import DataConfig
+
+from lightreasoner_ray import storage
+from lightreasoner_ray.config import Config, TrainConfig, join_path
+from lightreasoner_ray.deepspeed_config import check_supported, deepspeed_config, use_bf16
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.train_data import (
+    TRAIN_COLUMNS,
+    MicroBatch,
+    SamplesInfo,
+    Trajectory,
+    check_samples,
+    collate,
+    import_reference_jsonl,
+    micro_batch_stream,
+    placeholder_micro_batch,
+    trajectories_from_table,
+)
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = "train"
+CHECKPOINT_TAG = "deepspeed"
+TRAIN_STATE_FILE = "train_state.json"
+MODEL_SUBDIR = "hf_model"
+# Test-only fault injection, read by the driver and passed to the workers:
+# "fail:<step>:<rank>:<marker file>" raises once on that rank at that update;
+# "nan:<step>" makes that update's loss NaN.
+FAULT_ENV = "LIGHTREASONER_TEST_FAULT"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_INTERVAL_S = 0.1
+
+
+# ------------------------------------------------------------------------- driver
+
+
+def run_training(config: Config) -> dict[str, Any]:
+    """Train the expert on the contrastive samples; return (and write) the summary."""
+    started = time.time()
+    train = config.train
+    check_supported(train, config.expert.dtype)
+    from lightreasoner_ray.models import check_model_path, load_tokenizer
+
+    check_model_path(config.expert.path, "expert")
+    tokenizer = load_tokenizer(config.expert, "expert")
+    vocab_size, context = model_vocab_and_context(config)
+    files = find_samples(config, tokenizer, vocab_size)
+    info = check_samples(files, vocab_size, context)
+    if info.selected_steps == 0:
+        raise LightReasonerError(
+            f"the samples in {_samples_source(config)} have no selected steps ({info.rows} trajectories): "
+            "nothing to train on; sample more problems or lower sampling.beta"
+        )
+    logger.info(
+        "training on %d trajectories, %d selected steps (%d files)", info.trajectories, info.selected_steps, len(files)
+    )
+
+    from lightreasoner_ray.ray_session import init_ray
+
+    init_ray(config.ray)
+    result = _fit(config, files, info, tokenizer.pad_token_id)
+    outcome = result.return_value or {}
+    checkpoints = checkpoints_dir(config)
+    if outcome.get("nonfinite_step"):
+        last = outcome.get("resumed_from_step", 0) if result.checkpoint is None else _checkpoint_step(result.checkpoint)
+        raise LightReasonerError(
+            f"the loss became non-finite at update {outcome['nonfinite_step']}; training stopped without applying "
+            f"it. The last good checkpoint (update {last}) is kept under {checkpoints}; lower train.lr or check "
+            "the samples, then re-run to resume from it."
+        )
+    if result.checkpoint is None:
+        raise LightReasonerError(f"training finished without a checkpoint under {checkpoints}")
+    model_dir = join_path(config.output_dir, "model")
+    with result.checkpoint.as_directory() as directory:
+        publish_directory(str(Path(directory, MODEL_SUBDIR)), model_dir)
+    summary = {
+        "steps": outcome["step"],
+        "max_steps": train.max_steps,
+        "tuned_tokens": outcome["tuned_steps"],
+        "forward_tokens": outcome["forward_tokens"],
+        "wall_time_s": time.time() - started,
+        "train_time_s": outcome["train_time_s"],
+        "final_loss": outcome["loss"],
+        "resumed_from_step": outcome["resumed_from_step"],
+        "model": model_dir,
+        "model_kind": "peft_lora_adapter" if train.lora.enabled else "hf_model",
+        "checkpoint": result.checkpoint.path,
+        "workers": train.num_workers,
+        "deepspeed_stage": train.deepspeed.stage,
+        "precision": outcome["precision"],
+        "samples": {"source": _samples_source(config), **info.to_dict()},
+        "train_config": config.to_dict()["train"],
+        "expert": config.expert.path,
+    }
+    storage.write_json_atomic(join_path(config.output_dir, "train_summary.json"), summary)
+    print(
+        f"trained {summary['steps']} updates ({summary['tuned_tokens']} selected steps, final loss "
+        f"{summary['final_loss']:.4f}) in {summary['wall_time_s']:.1f}s; model: {model_dir}"
+    )
+    return summary
+
+
+def checkpoints_dir(config: Config) -> str:
+    return join_path(config.output_dir, "checkpoints")
+
+
+def model_vocab_and_context(config: Config) -> tuple[int, int]:
+    """The expert's logit width and context length, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.expert.path, trust_remote_code=config.expert.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LightReasonerError(f"cannot read the expert's config from {config.expert.path}: {exc}") from None
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    vocab_size = int(getattr(text_config, "vocab_size", 0) or 0)
+    if vocab_size <= 0:
+        raise LightReasonerError(f"the expert's config in {config.expert.path} has no vocab_size")
+    context = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
+    return vocab_size, context
+
+
+def _samples_source(config: Config) -> str:
+    return config.train.samples or config.samples_dir
+
+
+def find_samples(config: Config, tokenizer: Any, vocab_size: int) -> list[str]:
+    """The samples Parquet files to train on (importing a reference-format JSONL first)."""
+    source = _samples_source(config)
+    if source.endswith(".jsonl"):
+        source = import_reference_jsonl(source, tokenizer, vocab_size, config.output_dir, config.expert.path)
+    if source.endswith(".parquet"):
+        if not storage.exists(source):
+            raise LightReasonerError(f"train.samples: {source} does not exist")
+        return [source]
+    if not storage.is_uri(source) and not Path(source).exists():
+        raise LightReasonerError(
+            f"no samples at {source}: run `lightreasoner sample` first, or set train.samples to a samples "
+            "directory, a .parquet file or a reference-format .jsonl file"
+        )
+    files = storage.list_parquet_files(source)
+    if not files:
+        raise LightReasonerError(
+            f"no samples in {source}: the directory holds no .parquet files (did sampling finish?)"
+        )
+    return files
+
+
+def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> Any:
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = config.train
+    # Materialised before the workers reserve their CPUs, so no read task waits for one.
+    blocks = max(train.num_workers, min(info.rows, 16 * train.num_workers))
+    dataset = ray.data.read_parquet(files, columns=TRAIN_COLUMNS).repartition(blocks).materialize()
+    on_gpu = train.gpus_per_worker > 0
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if on_gpu else {})}
+    storage_path = checkpoints_dir(config)
+    if not storage.is_uri(storage_path):
+        storage_path = str(Path(storage_path).resolve())
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config, "pad_id": pad_id, "fault": os.environ.get(FAULT_ENV, "")},
+        torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=on_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=_OrderedShards(),
+    )
+    from ray.train import TrainingFailedError
+
+    try:
+        with _controller_poll_interval(REPORT_POLL_INTERVAL_S):
+            return trainer.fit()
+    except TrainingFailedError as exc:
+        raise _training_error(exc, config) from None
+
+
+@contextlib.contextmanager
+def _controller_poll_interval(seconds: float) -> Iterator[None]:
+    """Have the Ray Train controller collect worker reports every ``seconds`` during ``fit``.
+
+    A worker's ``ray.train.report`` waits in a one-slot queue that the controller
+    drains once per health check (2 s by default), so reporting every update would
+    stall each one by up to that long. Ray passes this variable from the driver to the
+    controller it starts; a value the user set is left alone.
+    """
+    if HEALTH_CHECK_ENV in os.environ:
+        yield
+        return
+    os.environ[HEALTH_CHECK_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(HEALTH_CHECK_ENV, None)
+
+
+def _training_error(exc: Exception, config: Config) -> LightReasonerError:
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, LightReasonerError):
+            return cause
+        message = f"{type(cause).__name__}: {cause}"
+        break
+    else:
+        message = str(exc)
+        rank = None
+    where = f" on worker {rank}" if rank is not None else ""
+    return LightReasonerError(
+        f"training failed{where} (after up to train.max_failures={config.train.max_failures} restarts): {message}. "
+        f"Checkpoints so far are kept under {checkpoints_dir(config)}; re-run to resume from the latest."
+    )
+
+
+def _checkpoint_step(checkpoint: Any) -> int:
+    with checkpoint.as_directory() as directory:
+        return int(json.loads(Path(directory, TRAIN_STATE_FILE).read_text())["step"])
+
+
+def publish_directory(source: str, destination: str) -> None:
+    """Copy a local directory to ``destination`` (local or URI), replacing it whole."""
+    if not Path(source).is_dir():
+        raise LightReasonerError(f"the final checkpoint has no model directory at {source}")
+    if storage.is_uri(destination):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(destination)
+        filesystem.create_dir(inner, recursive=True)
+        fs.copy_files(source, inner, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+        return
+    target = Path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copytree(source, staging)
+    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+class _OrderedShards(DataConfig):
+    """Split the samples over the workers in a fixed order, keeping every row.
+
+    Ray Train's default split makes shards equal by dropping up to num_workers - 1
+    rows. The training loop copes with uneven shards (every rank runs the same number
+    of micro-batches per update), so here blocks go to the least-filled worker in
+    dataset order: deterministic, which resuming at a data position relies on.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: D102
+        from ray.data import ExecutionOptions
+
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = ExecutionOptions(preserve_order=True)
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=None)):
+                output[rank][name] = split
+        return output
+
+
+# ------------------------------------------------------------------------- workers
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records beside DeepSpeed's own state (counters are global)."""
+
+    step: int = 0
+    tuned_steps: int = 0
+    forward_tokens: int = 0
+    train_time_s: float = 0.0
+    loss: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Fault:
+    """Test-only fault injection (see FAULT_ENV)."""
+
+    kind: str = ""
+    step: int = 0
+    rank: int = 0
+    marker: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        if not spec:
+            return cls()
+        parts = spec.split(":", 3)
+        if parts[0] == "fail" and len(parts) == 4:
+            return cls("fail", int(parts[1]), int(parts[2]), parts[3])
+        if parts[0] == "nan" and len(parts) == 2:
+            return cls("nan", int(parts[1]))
+        raise ValueError(f"{FAULT_ENV}={spec!r} is not fail:<step>:<rank>:<marker> or nan:<step>")
+
+    def maybe_fail(self, step: int, rank: int) -> None:
+        if self.kind == "fail" and step == self.step and rank == self.rank and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"failed once at update {step} on rank {rank}\n")
+            raise RuntimeError(f"injected worker failure at update {step} on rank {rank}")
+
+    def poisons(self, step: int) -> bool:
+        return self.kind == "nan" and step == self.step
+
+
+def lr_multiplier(update: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup_steps`` updates, then constant, linear or cosine decay to 0."""
+    if warmup_steps and update < warmup_steps:
+        return (update + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (update - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _configure_worker_logging() -> None:
+    package_logger = logging.getLogger("lightreasoner_ray")
+    package_logger.setLevel(logging.INFO)
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+
+
+def _read_shard() -> list[Trajectory]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    trajectories: list[Trajectory] = []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        trajectories.extend(trajectories_from_table(batch))
+    return trajectories
+
+
+def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
+    """The expert to train (peft-wrapped for LoRA), and an object to keep alive while training.
+
+    Under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model
+    inside ``deepspeed.zero.Init``: each rank materialises only its partition.
+    """
+    from transformers import AutoModelForCausalLM
+
+    train = config.train
+    zero3_context = None
+    if train.deepspeed.stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_context = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.expert.path,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        trust_remote_code=config.expert.trust_remote_code,
+    )
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        # Same seed on every rank: identical adapter initialisation everywhere.
+        torch.manual_seed(train.seed)
+        lora = LoraConfig(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=list(train.lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise LightReasonerError(f"train.lora.target_modules={train.lora.target_modules}: {exc}") from None
+    return model, zero3_context
+
+
+class _MicroBatches:
+    """This worker's endless micro-batch stream, positioned by how many were consumed."""
+
+    def __init__(self, trajectories: list[Trajectory], train: TrainConfig, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.stream: Optional[Iterator[tuple[int, list[Trajectory]]]] = (
+            micro_batch_stream(trajectories, train.micro_batch_steps, train.seed) if trajectories else None
+        )
+        self.epoch = 0
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            self.next()
+
+    def next(self) -> MicroBatch:
+        if self.stream is None:
+            return placeholder_micro_batch(self.pad_id)
+        self.epoch, trajectories = next(self.stream)
+        return collate(trajectories, self.pad_id)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+class MetricsLog:
+    """``<output_dir>/train_metrics.jsonl``, one line per logged update, truncated on resume."""
+
+    def __init__(self, path: str, resume_step: int) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if storage.exists(path):
+            text = self._read(path)
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed run
+                if isinstance(row, dict) and int(row.get("step", 0)) <= resume_step:
+                    self.rows.append(row)
+        self._rewrite()
+
+    @staticmethod
+    def _read(path: str) -> str:
+        if storage.is_uri(path):
+            from pyarrow import fs
+
+            filesystem, inner = fs.FileSystem.from_uri(path)
+            with filesystem.open_input_stream(inner) as handle:
+                return handle.read().decode("utf-8")
+        return Path(path).read_text(encoding="utf-8")
+
+    def _rewrite(self) -> None:
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        storage.write_bytes_atomic(self.path, text.encode("utf-8"))
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if storage.is_uri(self.path):
+            self._rewrite()  # object stores cannot append
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point on every worker."""
+    import deepspeed
+    import ray.train
+
+    from lightreasoner_ray.loss import SelectedStepLogits, step_kl, update_loss_scale
+    from lightreasoner_ray.models import default_device
+
+    _configure_worker_logging()
+    config: Config = loop_config["config"]
+    train = config.train
+    pad_id = int(loop_config["pad_id"])
+    fault = Fault.parse(loop_config.get("fault", ""))
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = default_device()
+    bf16 = use_bf16(device.type, config.expert.dtype)
+    ds_config = deepspeed_config(train, bf16, on_gpu=device.type == "cuda")
+
+    trajectories = _read_shard()
+    logger.info("worker %d/%d: %d trajectories, %d selected steps", rank, world_size, len(trajectories),
+                sum(t.num_steps for t in trajectories))
+    causal_lm, zero3_context = build_causal_lm(config, ds_config, bf16)
+    trainable = [p for p in causal_lm.parameters() if p.requires_grad]
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda update: lr_multiplier(update, train.warmup_steps, train.max_steps, train.lr_schedule)
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=SelectedStepLogits(causal_lm), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
+    )
+    state = _restore(engine, train.lora.enabled)
+    resumed_from = state.step
+    micro_batches = _MicroBatches(trajectories, train, pad_id)
+    micro_batches.skip(state.step * train.grad_accum)
+    metrics_log = (
+        MetricsLog(join_path(config.output_dir, "train_metrics.jsonl"), state.step) if rank == 0 else None
+    )
+    if rank == 0:
+        logger.info("%s at update %d of %d", "resuming" if state.step else "starting", state.step, train.max_steps)
+    engine.train()
+    nonfinite_step = 0
+    for step in range(state.step + 1, train.max_steps + 1):
+        update_started = time.perf_counter()
+        fault.maybe_fail(step, rank)
+        # Dropout masks depend on the update, not on how many restarts happened.
+        torch.manual_seed(train.seed * 1_000_003 + step * 1009 + rank)
+        batches = [micro_batches.next() for _ in range(train.grad_accum)]
+        local_steps = sum(batch.num_steps for batch in batches)
+        local_tokens = sum(batch.forward_tokens for batch in batches)
+        update_steps = int(_all_reduce_sum([local_steps], device)[0])
+        scale = update_loss_scale(world_size, train.grad_accum, update_steps)
+        lr = float(engine.get_lr()[0])
+        local_kl = torch.zeros((), dtype=torch.float64, device=device)
+        for index, batch in enumerate(batches):
+            kl_sum = step_kl(engine, batch.to(device)).sum()
+            if fault.poisons(step):
+                kl_sum = kl_sum * float("nan")
+            engine.backward(kl_sum * scale)
+            local_kl += kl_sum.detach().double()
+            if index < len(batches) - 1:
+                engine.step()
+        kl_total, tokens_total = _all_reduce_sum([float(local_kl), float(local_tokens)], device)
+        loss = kl_total / update_steps
+        if not math.isfinite(loss):
+            # Every rank sees the same reduced loss, so all stop here together,
+            # before the optimizer applies anything.
+            nonfinite_step = step
+            if metrics_log is not None:
+                metrics_log.append({"step": step, "loss": None, "nonfinite": True})
+                logger.error("update %d: the loss is not finite; stopping at the last good checkpoint", step)
+            break
+        engine.step()
+        elapsed = time.perf_counter() - update_started
+        state.step = step
+        state.tuned_steps += update_steps
+        state.forward_tokens += int(tokens_total)
+        state.train_time_s += elapsed
+        state.loss = loss
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "selected_steps": update_steps,
+            "forward_tokens": int(tokens_total),
+            "steps_per_s": update_steps / elapsed,
+            "tokens_per_s": tokens_total / elapsed,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "epoch": micro_batches.epoch,
+            "tuned_steps": state.tuned_steps,
+        }
+        final = step == train.max_steps
+        if step % train.checkpoint_every == 0 or final:
+            _save_checkpoint(engine, causal_lm, config, state, metrics, rank, final)
+        elif step % train.log_every == 0:
+            ray.train.report(metrics)
+        if metrics_log is not None and (step % train.log_every == 0 or final):
+            metrics_log.append(metrics)
+            logger.info(
+                "update %d/%d  loss %.4f  lr %.2e  %.1f selected steps/s  %.0f tokens/s",
+                step, train.max_steps, loss, lr, metrics["steps_per_s"], metrics["tokens_per_s"],
+            )
+    del zero3_context
+    return {
+        **state.to_dict(),
+        "nonfinite_step": nonfinite_step,
+        "resumed_from_step": resumed_from,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
+def _restore(engine: Any, lora: bool) -> TrainState:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        load_path, _ = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=not lora)
+        if load_path is None:
+            raise LightReasonerError(f"cannot load the DeepSpeed state from checkpoint {directory}")
+        return TrainState(**json.loads(Path(directory, TRAIN_STATE_FILE).read_text()))
+
+
+def _save_checkpoint(
+    engine: Any, causal_lm: Any, config: Config, state: TrainState, metrics: dict[str, Any], rank: int, final: bool
+) -> None:
+    """DeepSpeed state of every rank + the step counter (+ the HF model at the end), via ray.train.report."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    lora = config.train.lora.enabled
+    with tempfile.TemporaryDirectory(prefix="lightreasoner-checkpoint-") as directory:
+        # Frozen base weights never change under LoRA: keep them out of every checkpoint.
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, exclude_frozen_parameters=lora)
+        if final:
+            save_hf_model(engine, causal_lm, config, str(Path(directory, MODEL_SUBDIR)), rank)
+        if rank == 0:
+            Path(directory, TRAIN_STATE_FILE).write_text(json.dumps(state.to_dict()))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"step_{state.step:07d}")
+
+
+def save_hf_model(engine: Any, causal_lm: Any, config: Config, directory: str, rank: int) -> None:
+    """Rank 0 writes the PEFT adapter (LoRA) or the HF model (full), with the tokenizer.
+
+    Under ZeRO-3 the weights are partitioned: every rank joins the gathering, one
+    module at a time, and rank 0 receives the consolidated tensors.
+    """
+    lora = config.train.lora.enabled
+    state_dict = None
+    if config.train.deepspeed.stage == 3:
+        gathered = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+        if rank == 0:
+            prefix = "causal_lm."
+            state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
+    if rank != 0:
+        return
+    from lightreasoner_ray.models import load_tokenizer
+
+    causal_lm.save_pretrained(directory, state_dict=state_dict)
+    load_tokenizer(config.expert, "expert").save_pretrained(directory)
