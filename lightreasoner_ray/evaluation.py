@@ -1,0 +1,469 @@
+"""The evaluation stage: benchmarks scored by a Ray pool of evaluator actors.
+
+For each evaluated model:
+
+1. On the driver, before any Ray work: benchmark names, model paths (and the base
+   model of an adapter) and every benchmark row are checked.
+2. The rows of all benchmarks are cut into shards of ``eval.shard_size``; shards
+   already on disk with the same row ids are kept, the rest are queued.
+3. ``eval.num_actors`` evaluator actors each load the model once. The driver hands
+   the next queued shard, whatever its benchmark, to whichever actor finishes one
+   (work pulling: a slow benchmark never idles the pool). Each actor holds at most
+   two shards, so it never waits for the driver between shards.
+4. Every generated shard is graded by a Ray task (CPU) and written atomically as
+   ``<output_dir>/eval/<tag>/<benchmark>/shard-00003.jsonl``; a killed run loses at
+   most the shards in flight. Once all shards of a benchmark exist they are
+   concatenated into ``<output_dir>/eval/<tag>/<benchmark>.jsonl``.
+5. ``results.json``, ``results.md`` and ``results.png`` go to ``<output_dir>/eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lightreasoner_ray import storage
+from lightreasoner_ray.benchmarks import BENCHMARKS, load_benchmark
+from lightreasoner_ray.config import Config, EvalConfig, join_path
+from lightreasoner_ray.engine import EngineFactory, EngineSpec, check_inference_model, factory_name, resolve_engine_factory
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.grading import extract_answer, is_equivalent
+from lightreasoner_ray.prompts import prompt_ids
+from lightreasoner_ray.reports import paper_order, write_reports
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_FIELDS = ("id", "question", "output", "extracted", "answer", "correct")
+SETTINGS_FILE = "generation.json"
+# Shards an actor holds at once: one generating, one waiting, so it never idles.
+SHARDS_PER_ACTOR = 2
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    tag: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    benchmark: str
+    index: int
+    rows: list[dict[str, Any]]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(row["id"]) for row in self.rows]
+
+
+# ---- inputs ---------------------------------------------------------------------------
+
+
+def parse_model_entry(entry: str) -> EvalModel:
+    """``"tag=path"`` or a bare path (the tag is then the directory's basename)."""
+    entry = entry.strip()
+    tag, separator, path = entry.partition("=")
+    if separator and tag.strip() and "/" not in tag:
+        tag, path = tag.strip(), path.strip()
+    else:
+        path = entry
+        local = Path(path).expanduser()
+        tag = (local.resolve() if local.exists() else Path(path.rstrip("/"))).name
+    if not path:
+        raise LightReasonerError(f"eval model entry {entry!r} has no path (use tag=path or a path)")
+    if not _TAG.fullmatch(tag):
+        raise LightReasonerError(
+            f"eval model entry {entry!r}: tag {tag!r} must start with a letter or digit and use only "
+            "letters, digits, '.', '_', '+', '-' (write the entry as tag=path)"
+        )
+    return EvalModel(tag=tag, path=path)
+
+
+def evaluated_models(config: Config) -> list[EvalModel]:
+    """``eval.model`` then ``eval.models``; neither set means the expert."""
+    entries = ([config.eval.model] if config.eval.model else []) + list(config.eval.models)
+    if not entries:
+        if not config.expert.path:
+            raise LightReasonerError("nothing to evaluate: set eval.model, eval.models or expert.path")
+        entries = [config.expert.path]
+    models = [parse_model_entry(entry) for entry in entries]
+    tags = [model.tag for model in models]
+    repeated = sorted({tag for tag in tags if tags.count(tag) > 1})
+    if repeated:
+        raise LightReasonerError(
+            f"eval models share the tag {repeated[0]!r}; name them apart with tag=path entries in eval.models"
+        )
+    return models
+
+
+def check_benchmark_names(names: list[str]) -> None:
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise LightReasonerError(
+            f"unknown benchmark {unknown[0]!r} in eval.benchmarks; known benchmarks: {', '.join(BENCHMARKS)}"
+        )
+
+
+def load_benchmarks(eval_config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
+    """Every requested benchmark's rows (``eval.limit`` each), in the requested order."""
+    check_benchmark_names(eval_config.benchmarks)
+    loaded = {}
+    for name in eval_config.benchmarks:
+        rows = load_benchmark(name, eval_config.data_dir or None, eval_config.limit)
+        if not rows:
+            raise LightReasonerError(f"benchmark {name} has no rows (data_dir {eval_config.data_dir or 'default'})")
+        loaded[name] = rows
+    return loaded
+
+
+def make_shards(benchmark: str, rows: list[dict[str, Any]], shard_size: int) -> list[Shard]:
+    return [
+        Shard(benchmark, index, rows[start : start + shard_size])
+        for index, start in enumerate(range(0, len(rows), shard_size))
+    ]
+
+
+def interleave(shards_by_benchmark: dict[str, list[Shard]]) -> list[Shard]:
+    """Shard 0 of every benchmark, then shard 1 of every benchmark, and so on."""
+    queues = [deque(shards) for shards in shards_by_benchmark.values()]
+    ordered = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.popleft())
+    return ordered
+
+
+# ---- the actor and the grading task (plain code; Ray wraps them at run time) ----------
+
+
+class Evaluator:
+    """One model on this process's device, turning shards of rows into completions."""
+
+    def __init__(self, engine_factory: EngineFactory, spec: EngineSpec, system_prompt: str) -> None:
+        self.engine_factory = engine_factory
+        self.spec = spec
+        self.system_prompt = system_prompt
+        self.engine: Any = None
+
+    def start(self) -> float:
+        """Load the model; returns the seconds it took."""
+        started = time.perf_counter()
+        self.engine = self.engine_factory(self.spec)
+        return time.perf_counter() - started
+
+    def generate(self, rows: list[dict[str, Any]]) -> list[str]:
+        if self.engine is None:  # a restarted actor
+            self.start()
+        prompts = [prompt_ids(self.engine.tokenizer, row["question"], self.system_prompt) for row in rows]
+        outputs = self.engine.generate(prompts)
+        if len(outputs) != len(rows):
+            raise LightReasonerError(f"the engine returned {len(outputs)} completions for {len(rows)} prompts")
+        return [str(output) for output in outputs]
+
+
+def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
+    """Prediction rows: the completion, the extracted answer and whether it matches the reference."""
+    graded = []
+    for row, output in zip(rows, outputs, strict=True):
+        prediction = {"id": row["id"], "question": row["question"], "output": output, "extracted": "",
+                      "answer": row["answer"], "correct": False}
+        try:
+            prediction["extracted"] = extract_answer(output, benchmark, row.get("choices"))
+            prediction["correct"] = bool(prediction["extracted"]) and is_equivalent(prediction["extracted"], row["answer"])
+        except Exception as exc:  # a grader bug must not sink a long run; the row says what happened
+            logger.warning("%s row %s: grading failed (%s: %s); graded wrong", benchmark, row["id"], type(exc).__name__, exc)
+            prediction["grading_error"] = f"{type(exc).__name__}: {exc}"
+        graded.append(prediction)
+    return graded
+
+
+# ---- outputs --------------------------------------------------------------------------
+
+
+def eval_dir(config: Config) -> str:
+    return join_path(config.output_dir, "eval")
+
+
+def shard_path(model_dir: str, benchmark: str, index: int) -> str:
+    return join_path(model_dir, benchmark, f"shard-{index:05d}.jsonl")
+
+
+def predictions_path(model_dir: str, benchmark: str) -> str:
+    return join_path(model_dir, f"{benchmark}.jsonl")
+
+
+def _read_text(path: str) -> str:
+    if storage.is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as handle:
+            return handle.read().decode("utf-8")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def read_finished_shard(path: str, shard: Shard) -> Optional[list[dict[str, Any]]]:
+    """The graded rows of a shard written by an earlier run, or None when it must be (re)done."""
+    if not storage.exists(path):
+        return None
+    try:
+        rows = read_jsonl_rows(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if [str(row.get("id")) for row in rows] != shard.ids or any(set(PREDICTION_FIELDS) - set(row) for row in rows):
+        logger.warning("%s does not hold this shard's rows (limit or shard_size changed?); recomputing it", path)
+        return None
+    return rows
+
+
+def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix predictions made with different settings in one directory."""
+    path = join_path(model_dir, SETTINGS_FILE)
+    if storage.exists(path):
+        previous = storage.read_json(path)
+        changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+        if changed:
+            raise LightReasonerError(
+                f"{model_dir} holds predictions made with other settings ({', '.join(changed)} differ: "
+                f"{ {k: previous.get(k) for k in changed} } then, { {k: settings.get(k) for k in changed} } now); "
+                f"use another output_dir or model tag, or delete {model_dir} to start over"
+            )
+        return
+    storage.write_json_atomic(path, settings)
+
+
+class PredictionStore:
+    """One model's shard files; concatenates a benchmark as soon as all its shards are in."""
+
+    def __init__(self, model_dir: str, shards: dict[str, list[Shard]]) -> None:
+        self.model_dir = model_dir
+        self.shards = shards
+        self.rows: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in shards}
+
+    def resume(self) -> list[Shard]:
+        """Load shards finished earlier; return the ones still to do."""
+        todo = []
+        for name, shards in self.shards.items():
+            directory = join_path(self.model_dir, name)
+            if storage.remove_stale_temporaries(directory):
+                logger.info("removed partial files an interrupted run left in %s", directory)
+            for shard in shards:
+                rows = read_finished_shard(shard_path(self.model_dir, name, shard.index), shard)
+                if rows is None:
+                    todo.append(shard)
+                else:
+                    self.rows[name][shard.index] = rows
+            if len(self.rows[name]) == len(shards):
+                self._merge(name)
+        return todo
+
+    def add(self, shard: Shard, rows: list[dict[str, Any]]) -> None:
+        storage.write_bytes_atomic(shard_path(self.model_dir, shard.benchmark, shard.index), _jsonl_bytes(rows))
+        self.rows[shard.benchmark][shard.index] = rows
+        if len(self.rows[shard.benchmark]) == len(self.shards[shard.benchmark]):
+            self._merge(shard.benchmark)
+
+    def _merge(self, benchmark: str) -> None:
+        rows = self.benchmark_rows(benchmark)
+        storage.write_bytes_atomic(predictions_path(self.model_dir, benchmark), _jsonl_bytes(rows))
+        logger.info("%s: %d predictions in %s", benchmark, len(rows), predictions_path(self.model_dir, benchmark))
+
+    def benchmark_rows(self, benchmark: str) -> list[dict[str, Any]]:
+        finished = self.rows[benchmark]
+        return [row for index in sorted(finished) for row in finished[index]]
+
+
+def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    correct = sum(bool(row["correct"]) for row in rows)
+    return {"accuracy": correct / len(rows) if rows else 0.0, "n": len(rows), "correct": correct}
+
+
+# ---- the Ray pool ---------------------------------------------------------------------
+
+
+def _ray_get(ray: Any, refs: Any) -> Any:
+    """``ray.get`` that re-raises a user-facing error from a task as itself, not wrapped."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, LightReasonerError):
+            raise LightReasonerError(str(cause)) from None
+        raise
+
+
+def run_pool(
+    shards: list[Shard],
+    engine_factory: EngineFactory,
+    spec: EngineSpec,
+    eval_config: EvalConfig,
+    on_graded: Callable[[Shard, list[dict[str, Any]]], None],
+    description: str = "evaluating",
+) -> dict[str, float]:
+    """Generate and grade ``shards`` on a pool of evaluator actors; ``on_graded`` gets each result."""
+    import ray
+    from tqdm.auto import tqdm
+
+    actor_class = ray.remote(Evaluator).options(
+        num_cpus=eval_config.cpus_per_actor,
+        num_gpus=eval_config.gpus_per_actor,
+        max_restarts=1,
+        max_task_retries=1,
+    )
+    grade_task = ray.remote(grade_rows).options(num_cpus=eval_config.grading_cpus)
+    actors: list[Any] = [
+        actor_class.remote(engine_factory, spec, eval_config.system_prompt)
+        for _ in range(min(eval_config.num_actors, len(shards)))
+    ]
+    queue = deque(shards)
+    generating: dict[Any, tuple[int, Shard]] = {}
+    grading: dict[Any, Shard] = {}
+    held = [0] * len(actors)
+
+    def hand_out(actor_index: int) -> None:
+        shard = queue.popleft()
+        rows_ref = ray.put(shard.rows)
+        outputs_ref = actors[actor_index].generate.remote(rows_ref)
+        generating[outputs_ref] = (actor_index, shard)
+        grading[grade_task.remote(shard.benchmark, rows_ref, outputs_ref)] = shard
+        held[actor_index] += 1
+
+    started = time.perf_counter()
+    try:
+        load_seconds = _ray_get(ray, [actor.start.remote() for actor in actors])
+        logger.info("%d evaluator actors loaded %s in %.1fs (slowest)", len(actors), spec.model_path, max(load_seconds))
+        generation_started = time.perf_counter()
+        for actor_index in range(len(actors)):
+            for _ in range(SHARDS_PER_ACTOR):
+                if queue:
+                    hand_out(actor_index)
+        with tqdm(total=len(shards), desc=description, unit="shard") as progress:
+            while generating or grading:
+                (ready,), _ = ray.wait([*generating, *grading], num_returns=1)
+                if ready in generating:
+                    actor_index, _shard = generating.pop(ready)
+                    _ray_get(ray, ready)
+                    held[actor_index] -= 1
+                    if queue:
+                        hand_out(actor_index)
+                    elif held[actor_index] == 0:
+                        # Free its CPUs/GPUs now: grading tasks may be waiting for them.
+                        ray.kill(actors[actor_index])
+                        actors[actor_index] = None
+                else:
+                    shard = grading.pop(ready)
+                    on_graded(shard, _ray_get(ray, ready))
+                    progress.update(1)
+    finally:
+        for actor in actors:
+            if actor is not None:
+                ray.kill(actor)
+    return {
+        "load_s": max(load_seconds),
+        "generate_and_grade_s": time.perf_counter() - generation_started,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+# ---- the stage ------------------------------------------------------------------------
+
+
+def generation_settings(model: EvalModel, config: Config, engine_factory: EngineFactory) -> dict[str, Any]:
+    return {
+        "model_path": model.path,
+        "engine": factory_name(engine_factory),
+        "max_new_tokens": config.eval.max_new_tokens,
+        "system_prompt": config.eval.system_prompt,
+        "dtype": config.expert.dtype,
+    }
+
+
+def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = None) -> dict[str, Any]:
+    """Evaluate every model on every benchmark; write predictions and reports; return the results.
+
+    ``engine_factory`` (called with an :class:`EngineSpec` inside each actor) overrides
+    ``eval.engine``; it must be importable by, or picklable to, the Ray workers.
+    Models load with the expert's ``dtype`` and ``trust_remote_code`` settings.
+    """
+    started = time.time()
+    eval_config = config.eval
+    factory = engine_factory or resolve_engine_factory(eval_config.engine)
+    check_benchmark_names(eval_config.benchmarks)
+    models = evaluated_models(config)
+    for model in models:
+        check_inference_model(model.path, f"eval model {model.tag!r}")
+    benchmark_rows = load_benchmarks(eval_config)
+    shards_by_benchmark = {name: make_shards(name, rows, eval_config.shard_size) for name, rows in benchmark_rows.items()}
+    ordered_benchmarks = paper_order(benchmark_rows)
+
+    results: dict[str, Any] = {"benchmarks": ordered_benchmarks, "models": {}}
+    for model in models:
+        model_dir = join_path(eval_dir(config), model.tag)
+        check_generation_settings(model_dir, generation_settings(model, config, factory))
+        store = PredictionStore(model_dir, shards_by_benchmark)
+        todo = store.resume()
+        total_shards = sum(len(s) for s in shards_by_benchmark.values())
+        logger.info("model %s (%s): %d of %d shards already done", model.tag, model.path, total_shards - len(todo), total_shards)
+        timing: dict[str, float] = {}
+        if todo:
+            from lightreasoner_ray.ray_session import init_ray
+
+            init_ray(config.ray)
+            spec = EngineSpec(
+                model_path=model.path,
+                max_new_tokens=eval_config.max_new_tokens,
+                batch_size=eval_config.batch_size,
+                dtype=config.expert.dtype,
+                trust_remote_code=config.expert.trust_remote_code,
+            )
+            timing = run_pool(interleave(_group(todo)), factory, spec, eval_config, store.add, f"evaluating {model.tag}")
+        rows_generated = sum(len(shard.rows) for shard in todo)
+        scores = {name: score(store.benchmark_rows(name)) for name in ordered_benchmarks}
+        results["models"][model.tag] = {
+            "path": model.path,
+            "benchmarks": scores,
+            "average": sum(s["accuracy"] for s in scores.values()) / len(scores),
+            "predictions": model_dir,
+            "run": {
+                "shards_generated": len(todo),
+                "shards_resumed": total_shards - len(todo),
+                "rows_generated": rows_generated,
+                "rows_per_s": rows_generated / timing["generate_and_grade_s"] if todo and timing["generate_and_grade_s"] > 0 else 0.0,
+                **timing,
+            },
+        }
+    results["settings"] = {
+        "limit": eval_config.limit,
+        "max_new_tokens": eval_config.max_new_tokens,
+        "system_prompt": eval_config.system_prompt,
+        "engine": factory_name(factory),
+        "data_dir": eval_config.data_dir or None,
+    }
+    results["wall_time_s"] = time.time() - started
+    paths = write_reports(results, eval_dir(config))
+    logger.info("evaluation results: %s, %s, %s", paths["json"], paths["markdown"], paths["chart"])
+    return results
+
+
+def _group(shards: list[Shard]) -> dict[str, list[Shard]]:
+    grouped: dict[str, list[Shard]] = {}
+    for shard in shards:
+        grouped.setdefault(shard.benchmark, []).append(shard)
+    return grouped
