@@ -202,6 +202,11 @@ class ExportConfig:
     adapter: str = ""
     # Where the merged model goes; empty means <output_dir>/merged.
     output: str = ""
+    # Dtype to load, merge and save in; "auto" keeps the base checkpoint's own dtype.
+    dtype: str = "auto"
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

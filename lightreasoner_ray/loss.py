@@ -23,12 +23,13 @@ def sparse_kl_divergence(
 ) -> torch.Tensor:
     """KL(v_C || pi) per step from ``[S, V]`` logits and a sparse ``[S, K]`` soft label.
 
-    ``pi`` is the full-vocabulary softmax of ``logits`` (computed in float32); the
-    label is zero outside its support, so KL = sum_k v_k (log v_k - log pi(id_k)).
+    ``pi`` is the full-vocabulary softmax of ``logits`` (computed in float32 or wider);
+    the label is zero outside its support, so KL = sum_k v_k (log v_k - log pi(id_k)).
     Padded support entries carry probability 0 and contribute nothing.
     """
-    model_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids)
-    target_probs = target_probs.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    model_logprobs = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, target_ids)
+    target_probs = target_probs.to(dtype)
     positive = target_probs > 0
     target_logprobs = torch.where(positive, target_probs.clamp_min(1e-38).log(), torch.zeros_like(target_probs))
     return (target_probs * (target_logprobs - model_logprobs)).sum(-1)
