@@ -125,7 +125,8 @@ class HFEngine:
         if too_long:
             logger.warning("%d prompts fill the %d-token context; their completions are empty", len(too_long), self.context)
         for batch in self._batches(prompts):
-            token_lists = greedy_generate(self.model, self.tokenizer, [prompts[i] for i in batch], self.room(len(prompts[batch[-1]])))
+            budget = self.room(len(prompts[batch[-1]]))  # the same for every row of a batch
+            token_lists = greedy_generate(self.model, self.tokenizer, [prompts[i] for i in batch], budget)
             for index, tokens in zip(batch, token_lists):
                 completions[index] = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return completions

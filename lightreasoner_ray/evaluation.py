@@ -31,7 +31,13 @@ from typing import Any, Callable, Optional
 from lightreasoner_ray import storage
 from lightreasoner_ray.benchmarks import BENCHMARKS, load_benchmark
 from lightreasoner_ray.config import Config, EvalConfig, join_path
-from lightreasoner_ray.engine import EngineFactory, EngineSpec, check_inference_model, factory_name, resolve_engine_factory
+from lightreasoner_ray.engine import (
+    EngineFactory,
+    EngineSpec,
+    check_inference_model,
+    factory_name,
+    resolve_engine_factory,
+)
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.grading import extract_answer, is_equivalent
 from lightreasoner_ray.prompts import prompt_ids
@@ -177,10 +183,11 @@ def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[str]) -
                       "answer": row["answer"], "correct": False}
         try:
             prediction["extracted"] = extract_answer(output, benchmark, row.get("choices"))
-            prediction["correct"] = bool(prediction["extracted"]) and is_equivalent(prediction["extracted"], row["answer"])
+            extracted = prediction["extracted"]
+            prediction["correct"] = bool(extracted) and is_equivalent(extracted, row["answer"])
         except Exception as exc:  # a grader bug must not sink a long run; the row says what happened
-            logger.warning("%s row %s: grading failed (%s: %s); graded wrong", benchmark, row["id"], type(exc).__name__, exc)
             prediction["grading_error"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("%s row %s: grading failed (%s); graded wrong", benchmark, row["id"], prediction["grading_error"])
         graded.append(prediction)
     return graded
 
@@ -328,14 +335,17 @@ def run_pool(
         max_task_retries=1,
     )
     grade_task = ray.remote(grade_rows).options(num_cpus=eval_config.grading_cpus)
+    _warn_if_unplaceable(ray, eval_config)
     actors: list[Any] = [
         actor_class.remote(engine_factory, spec, eval_config.system_prompt)
         for _ in range(min(eval_config.num_actors, len(shards)))
     ]
     queue = deque(shards)
+    starting = {actor.start.remote(): index for index, actor in enumerate(actors)}
     generating: dict[Any, tuple[int, Shard]] = {}
     grading: dict[Any, Shard] = {}
     held = [0] * len(actors)
+    load_seconds: list[float] = []
 
     def hand_out(actor_index: int) -> None:
         shard = queue.popleft()
@@ -346,18 +356,26 @@ def run_pool(
         held[actor_index] += 1
 
     started = time.perf_counter()
+    first_ready = started
     try:
-        load_seconds = _ray_get(ray, [actor.start.remote() for actor in actors])
-        logger.info("%d evaluator actors loaded %s in %.1fs (slowest)", len(actors), spec.model_path, max(load_seconds))
-        generation_started = time.perf_counter()
-        for actor_index in range(len(actors)):
-            for _ in range(SHARDS_PER_ACTOR):
-                if queue:
-                    hand_out(actor_index)
+        # Actors join as the cluster places them: a pool larger than the cluster (or an
+        # autoscaler still adding nodes) works with the actors it has, never waits for all.
         with tqdm(total=len(shards), desc=description, unit="shard") as progress:
-            while generating or grading:
-                (ready,), _ = ray.wait([*generating, *grading], num_returns=1)
-                if ready in generating:
+            while generating or grading or (queue and starting):
+                (ready,), _ = ray.wait([*starting, *generating, *grading], num_returns=1)
+                if ready in starting:
+                    actor_index = starting.pop(ready)
+                    load_seconds.append(_ray_get(ray, ready))
+                    if len(load_seconds) == 1:
+                        first_ready = time.perf_counter()
+                        logger.info("first evaluator of %s ready after %.1fs", spec.model_path, first_ready - started)
+                    for _ in range(SHARDS_PER_ACTOR):
+                        if queue:
+                            hand_out(actor_index)
+                    if held[actor_index] == 0:  # came too late to help
+                        ray.kill(actors[actor_index])
+                        actors[actor_index] = None
+                elif ready in generating:
                     actor_index, _shard = generating.pop(ready)
                     _ray_get(ray, ready)
                     held[actor_index] -= 1
@@ -375,11 +393,27 @@ def run_pool(
         for actor in actors:
             if actor is not None:
                 ray.kill(actor)
+    if queue:
+        raise LightReasonerError(f"{len(queue)} shards of {spec.model_path} were left undone: no evaluator actor could start")
+    finished = time.perf_counter()
+    logger.info("%d of %d evaluator actors started", len(load_seconds), len(actors))
     return {
-        "load_s": max(load_seconds),
-        "generate_and_grade_s": time.perf_counter() - generation_started,
-        "total_s": time.perf_counter() - started,
+        "actors": float(len(load_seconds)),
+        "load_s": max(load_seconds, default=0.0),
+        "generate_and_grade_s": finished - first_ready,
+        "total_s": finished - started,
     }
+
+
+def _warn_if_unplaceable(ray: Any, eval_config: EvalConfig) -> None:
+    """A pool nothing in the cluster can host waits for an autoscaler; say so up front."""
+    available = ray.cluster_resources()
+    for resource, wanted in (("CPU", eval_config.cpus_per_actor), ("GPU", eval_config.gpus_per_actor)):
+        if wanted > available.get(resource, 0.0):
+            logger.warning(
+                "an evaluator actor needs %s %s but the cluster has %s; actors wait until the cluster grows",
+                wanted, resource, available.get(resource, 0.0),
+            )
 
 
 # ---- the stage ------------------------------------------------------------------------
@@ -395,12 +429,59 @@ def generation_settings(model: EvalModel, config: Config, engine_factory: Engine
     }
 
 
+def evaluate_model(
+    model: EvalModel,
+    config: Config,
+    shards_by_benchmark: dict[str, list[Shard]],
+    engine_factory: EngineFactory,
+) -> dict[str, Any]:
+    """Generate and grade every shard of ``model`` not already on disk; score all benchmarks."""
+    eval_config = config.eval
+    model_dir = join_path(eval_dir(config), model.tag)
+    check_generation_settings(model_dir, generation_settings(model, config, engine_factory))
+    store = PredictionStore(model_dir, shards_by_benchmark)
+    todo = store.resume()
+    total_shards = sum(len(shards) for shards in shards_by_benchmark.values())
+    logger.info("model %s (%s): %d of %d shards already done", model.tag, model.path, total_shards - len(todo), total_shards)
+    timing: dict[str, float] = {}
+    if todo:
+        from lightreasoner_ray.ray_session import init_ray
+
+        init_ray(config.ray)
+        spec = EngineSpec(
+            model_path=model.path,
+            max_new_tokens=eval_config.max_new_tokens,
+            batch_size=eval_config.batch_size,
+            dtype=config.expert.dtype,
+            trust_remote_code=config.expert.trust_remote_code,
+        )
+        ordered_todo = interleave(_group(todo))
+        timing = run_pool(ordered_todo, engine_factory, spec, eval_config, store.add, f"evaluating {model.tag}")
+    rows_generated = sum(len(shard.rows) for shard in todo)
+    busy_seconds = timing.get("generate_and_grade_s", 0.0)
+    scores = {name: score(store.benchmark_rows(name)) for name in paper_order(shards_by_benchmark)}
+    return {
+        "path": model.path,
+        "benchmarks": scores,
+        "average": sum(s["accuracy"] for s in scores.values()) / len(scores),
+        "predictions": model_dir,
+        "run": {
+            "shards_generated": len(todo),
+            "shards_resumed": total_shards - len(todo),
+            "rows_generated": rows_generated,
+            "rows_per_s": rows_generated / busy_seconds if busy_seconds > 0 else 0.0,
+            **timing,
+        },
+    }
+
+
 def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = None) -> dict[str, Any]:
     """Evaluate every model on every benchmark; write predictions and reports; return the results.
 
     ``engine_factory`` (called with an :class:`EngineSpec` inside each actor) overrides
     ``eval.engine``; it must be importable by, or picklable to, the Ray workers.
     Models load with the expert's ``dtype`` and ``trust_remote_code`` settings.
+    All input is checked on the driver before any model loads or Ray starts.
     """
     started = time.time()
     eval_config = config.eval
@@ -409,54 +490,21 @@ def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = Non
     models = evaluated_models(config)
     for model in models:
         check_inference_model(model.path, f"eval model {model.tag!r}")
-    benchmark_rows = load_benchmarks(eval_config)
-    shards_by_benchmark = {name: make_shards(name, rows, eval_config.shard_size) for name, rows in benchmark_rows.items()}
-    ordered_benchmarks = paper_order(benchmark_rows)
-
-    results: dict[str, Any] = {"benchmarks": ordered_benchmarks, "models": {}}
-    for model in models:
-        model_dir = join_path(eval_dir(config), model.tag)
-        check_generation_settings(model_dir, generation_settings(model, config, factory))
-        store = PredictionStore(model_dir, shards_by_benchmark)
-        todo = store.resume()
-        total_shards = sum(len(s) for s in shards_by_benchmark.values())
-        logger.info("model %s (%s): %d of %d shards already done", model.tag, model.path, total_shards - len(todo), total_shards)
-        timing: dict[str, float] = {}
-        if todo:
-            from lightreasoner_ray.ray_session import init_ray
-
-            init_ray(config.ray)
-            spec = EngineSpec(
-                model_path=model.path,
-                max_new_tokens=eval_config.max_new_tokens,
-                batch_size=eval_config.batch_size,
-                dtype=config.expert.dtype,
-                trust_remote_code=config.expert.trust_remote_code,
-            )
-            timing = run_pool(interleave(_group(todo)), factory, spec, eval_config, store.add, f"evaluating {model.tag}")
-        rows_generated = sum(len(shard.rows) for shard in todo)
-        scores = {name: score(store.benchmark_rows(name)) for name in ordered_benchmarks}
-        results["models"][model.tag] = {
-            "path": model.path,
-            "benchmarks": scores,
-            "average": sum(s["accuracy"] for s in scores.values()) / len(scores),
-            "predictions": model_dir,
-            "run": {
-                "shards_generated": len(todo),
-                "shards_resumed": total_shards - len(todo),
-                "rows_generated": rows_generated,
-                "rows_per_s": rows_generated / timing["generate_and_grade_s"] if todo and timing["generate_and_grade_s"] > 0 else 0.0,
-                **timing,
-            },
-        }
-    results["settings"] = {
-        "limit": eval_config.limit,
-        "max_new_tokens": eval_config.max_new_tokens,
-        "system_prompt": eval_config.system_prompt,
-        "engine": factory_name(factory),
-        "data_dir": eval_config.data_dir or None,
+    shards_by_benchmark = {
+        name: make_shards(name, rows, eval_config.shard_size) for name, rows in load_benchmarks(eval_config).items()
     }
-    results["wall_time_s"] = time.time() - started
+    results: dict[str, Any] = {
+        "benchmarks": paper_order(shards_by_benchmark),
+        "models": {model.tag: evaluate_model(model, config, shards_by_benchmark, factory) for model in models},
+        "settings": {
+            "limit": eval_config.limit,
+            "max_new_tokens": eval_config.max_new_tokens,
+            "system_prompt": eval_config.system_prompt,
+            "engine": factory_name(factory),
+            "data_dir": eval_config.data_dir or None,
+        },
+        "wall_time_s": time.time() - started,
+    }
     paths = write_reports(results, eval_dir(config))
     logger.info("evaluation results: %s, %s, %s", paths["json"], paths["markdown"], paths["chart"])
     return results

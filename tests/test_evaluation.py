@@ -171,6 +171,19 @@ def test_grading_accuracy_two_models_and_resume(tiny_pair, ray_local, tmp_path):
     check_reports(output_dir, second, ["baseline", "amateur"], limit)
 
 
+@pytest.mark.slow
+def test_a_pool_larger_than_the_cluster_works_with_the_actors_it_gets(tiny_pair, ray_local, tmp_path):
+    """3 actors of 2 CPUs on a 4-CPU cluster: two are placed; the run neither hangs nor loses shards."""
+    questions = {row["question"]: ("svamp", index, row["answer"])
+                 for index, row in enumerate(load_benchmark("svamp", DATA_DIR, 6))}
+    config = eval_config(tmp_path, f"eval.model={tiny_pair['expert']}", "eval.benchmarks=[svamp]", "eval.limit=6",
+                         "eval.num_actors=3", "eval.cpus_per_actor=2", "eval.shard_size=1")
+    results = run_evaluation(config, engine_factory=gold_engine_factory(questions, tmp_path / "calls.jsonl"))
+    assert results["models"]["expert"]["benchmarks"]["svamp"] == {"accuracy": 0.5, "n": 6, "correct": 3}
+    assert 1 <= results["models"]["expert"]["run"]["actors"] <= 3
+    assert sum(call["rows"] for call in read_jsonl(tmp_path / "calls.jsonl")) == 6
+
+
 # ---- bad input: every error surfaces on the driver, before models or Ray --------------
 
 
