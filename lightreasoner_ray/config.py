@@ -161,7 +161,7 @@ class EvalConfig:
     model: str = ""
     models: list[str] = field(default_factory=list)
     benchmarks: list[str] = field(
-        default_factory=lambda: ["gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
+        default_factory=lambda: ["gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
     )
     data_dir: str = ""
     limit: Optional[int] = None
@@ -339,7 +339,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     try:
         return build_config(tree)
     except LightReasonerError as exc:
-        where = f" (in {path})" if path is not None else ""
+        where = f" (in {path} or the overrides)" if path is not None and overrides else f" (in {path})" if path is not None else ""
         raise LightReasonerError(f"{exc}{where}") from None
 
 
@@ -397,6 +397,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise LightReasonerError(f"{key} must be a number, got {value!r}")
     if hint is str:
         if value is None:

@@ -26,6 +26,7 @@ def test_yaml_and_dotted_overrides():
     assert config.train.deepspeed.stage == 3
     assert config.output_dir == "/tmp/x"
     assert config.sampling.num_actors == 2  # from the YAML
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
 
 
 @pytest.mark.parametrize(
