@@ -122,14 +122,18 @@ def run_training(config: Config) -> dict[str, Any]:
         "workers": train.num_workers,
         "deepspeed_stage": train.deepspeed.stage,
         "precision": outcome["precision"],
+        "parameters": outcome["parameters"],
+        "parameters_loaded_per_rank": outcome["parameters_loaded_per_rank"],
+        "trainable_parameters": outcome["trainable_parameters"],
         "samples": {"source": _samples_source(config), **info.to_dict()},
         "train_config": config.to_dict()["train"],
         "expert": config.expert.path,
     }
     storage.write_json_atomic(join_path(config.output_dir, "train_summary.json"), summary)
-    print(
-        f"trained {summary['steps']} updates ({summary['tuned_tokens']} selected steps, final loss "
-        f"{summary['final_loss']:.4f}) in {summary['wall_time_s']:.1f}s; model: {model_dir}"
+    logger.info(
+        "trained %d updates (%d selected steps, final loss %.4f) in %.1fs; model: %s; summary: %s",
+        summary["steps"], summary["tuned_tokens"], summary["final_loss"], summary["wall_time_s"], model_dir,
+        join_path(config.output_dir, "train_summary.json"),
     )
     return summary
 
@@ -379,8 +383,16 @@ def _read_shard() -> list[Trajectory]:
     return trajectories
 
 
-def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any]:
-    """The expert to train (peft-wrapped for LoRA), and an object to keep alive while training.
+@dataclass
+class LoadedModel:
+    causal_lm: Any  # peft-wrapped for LoRA
+    zero3_context: Any  # keep alive while training: transformers holds it by weak reference
+    parameters: int  # elements of the base model
+    parameters_held: int  # elements this rank materialised when loading it
+
+
+def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> LoadedModel:
+    """The expert to train.
 
     Under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model
     inside ``deepspeed.zero.Init``: each rank materialises only its partition.
@@ -398,6 +410,8 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> tu
         dtype=torch.bfloat16 if bf16 else torch.float32,
         trust_remote_code=config.expert.trust_remote_code,
     )
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.lora.enabled:
@@ -417,7 +431,7 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> tu
             model = get_peft_model(model, lora)
         except ValueError as exc:
             raise LightReasonerError(f"train.lora.target_modules={train.lora.target_modules}: {exc}") from None
-    return model, zero3_context
+    return LoadedModel(model, zero3_context, parameters, held)
 
 
 class _MicroBatches:
@@ -511,7 +525,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     trajectories = _read_shard()
     logger.info("worker %d/%d: %d trajectories, %d selected steps", rank, world_size, len(trajectories),
                 sum(t.num_steps for t in trajectories))
-    causal_lm, zero3_context = build_causal_lm(config, ds_config, bf16)
+    loaded = build_causal_lm(config, ds_config, bf16)
+    causal_lm = loaded.causal_lm
+    logger.info("worker %d: loaded %d of the model's %d parameters (ZeRO stage %d)", rank, loaded.parameters_held,
+                loaded.parameters, train.deepspeed.stage)
     trainable = [p for p in causal_lm.parameters() if p.requires_grad]
 
     def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -594,12 +611,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 "update %d/%d  loss %.4f  lr %.2e  %.1f selected steps/s  %.0f tokens/s",
                 step, train.max_steps, loss, lr, metrics["steps_per_s"], metrics["tokens_per_s"],
             )
-    del zero3_context
     return {
         **state.to_dict(),
         "nonfinite_step": nonfinite_step,
         "resumed_from_step": resumed_from,
         "precision": "bf16" if bf16 else "fp32",
+        "parameters": loaded.parameters,
+        "parameters_loaded_per_rank": loaded.parameters_held,
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
     }
 
 
