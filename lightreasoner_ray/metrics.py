@@ -29,12 +29,15 @@ def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...] = 
 
 def _record(kind: str, name: str, description: str, value: float, tags: dict[str, str] | None = None) -> None:
     metric = _metric(kind, name, description, tuple(sorted(tags or {})))
-    if metric is None:
+    if metric is None or (kind == "Counter" and value <= 0):  # Counter.inc refuses 0
         return
-    if kind == "Counter":
-        metric.inc(value, tags=tags)
-    else:
-        metric.set(value, tags=tags)
+    try:
+        if kind == "Counter":
+            metric.inc(value, tags=tags)
+        else:
+            metric.set(value, tags=tags)
+    except Exception:  # metrics must never break a stage
+        logger.debug("could not record %s", name, exc_info=True)
 
 
 def record_sampling(problems: int, completion_tokens: int, selected_steps: int) -> None:

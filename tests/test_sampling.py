@@ -200,3 +200,14 @@ def test_cli_prints_the_error_without_a_traceback(tiny_pair, problems_file, tmp_
     )
     assert result.returncode == 2
     assert "sampling.alpha must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_output_dir_as_a_uri_and_no_selected_steps(tiny_pair, problems_file, tmp_path, ray_local):
+    """`output_dir` may be a URI (pyarrow filesystems: s3://, gs://; here file://); a beta
+    nothing exceeds gives empty step lists, not a crash."""
+    config = sampling_config(tiny_pair, problems_file, f"file://{tmp_path}/uri-run", "data.limit=3", "sampling.beta=50")
+    summary = run_sampling(config)
+    assert summary["counts"]["problems"] == 3 and summary["counts"]["selected_steps"] == 0
+    assert len(read_samples(tmp_path / "uri-run")) == 3
+    assert json.loads((tmp_path / "uri-run" / "samples_summary.json").read_text())["counts"]["problems"] == 3
+    assert run_sampling(config)["counts"]["resumed_problems"] == 3
