@@ -39,6 +39,7 @@ from lightreasoner_ray.engine import (
     resolve_engine_factory,
 )
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.metrics import record_evaluation
 from lightreasoner_ray.grading import extract_answer, is_equivalent
 from lightreasoner_ray.prompts import prompt_ids
 from lightreasoner_ray.reports import paper_order, write_reports
@@ -456,7 +457,11 @@ def evaluate_model(
             trust_remote_code=config.expert.trust_remote_code,
         )
         ordered_todo = interleave(_group(todo))
-        timing = run_pool(ordered_todo, engine_factory, spec, eval_config, store.add, f"evaluating {model.tag}")
+        def on_graded(shard: Shard, rows: list[dict[str, Any]]) -> None:
+            store.add(shard, rows)
+            record_evaluation(model.tag, shard.benchmark, len(rows), sum(bool(row["correct"]) for row in rows))
+
+        timing = run_pool(ordered_todo, engine_factory, spec, eval_config, on_graded, f"evaluating {model.tag}")
     rows_generated = sum(len(shard.rows) for shard in todo)
     busy_seconds = timing.get("generate_and_grade_s", 0.0)
     scores = {name: score(store.benchmark_rows(name)) for name in paper_order(shards_by_benchmark)}
