@@ -217,6 +217,8 @@ class DemoConfig:
     test_problems: int = 200
     # One LightReasoner / SFT / random-step training per seed; means and spread reported.
     seeds: list[int] = field(default_factory=lambda: [0])
+    # A pair trained for a few steps only (tests of the plumbing; the numbers mean nothing).
+    quick: bool = False
 
     def validate(self, key: str) -> None:
         if self.train_problems <= 0 or self.test_problems <= 0 or not self.seeds:
