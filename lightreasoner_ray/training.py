@@ -78,6 +78,7 @@ def run_training(config: Config) -> dict[str, Any]:
     check_model_path(config.expert.path, "expert")
     tokenizer = load_tokenizer(config.expert, "expert")
     vocab_size, context = model_vocab_and_context(config)
+    check_lora_targets(config)
     files = find_samples(config, tokenizer, vocab_size)
     info = check_samples(files, vocab_size, context)
     if info.selected_steps == 0:
@@ -96,11 +97,14 @@ def run_training(config: Config) -> dict[str, Any]:
     outcome = result.return_value or {}
     checkpoints = checkpoints_dir(config)
     if outcome.get("nonfinite_step"):
-        last = outcome.get("resumed_from_step", 0) if result.checkpoint is None else _checkpoint_step(result.checkpoint)
+        kept = (
+            f"The last good checkpoint (update {_checkpoint_step(result.checkpoint)}) is kept under {checkpoints}"
+            if result.checkpoint is not None
+            else "No checkpoint had been written yet"
+        )
         raise LightReasonerError(
-            f"the loss became non-finite at update {outcome['nonfinite_step']}; training stopped without applying "
-            f"it. The last good checkpoint (update {last}) is kept under {checkpoints}; lower train.lr or check "
-            "the samples, then re-run to resume from it."
+            f"the loss or the gradient norm became non-finite at update {outcome['nonfinite_step']}; training "
+            f"stopped there. {kept}; lower train.lr or check the samples, then re-run to resume from it."
         )
     if result.checkpoint is None:
         raise LightReasonerError(f"training finished without a checkpoint under {checkpoints}")
@@ -158,6 +162,27 @@ def model_vocab_and_context(config: Config) -> tuple[int, int]:
     return vocab_size, context
 
 
+def check_lora_targets(config: Config) -> None:
+    """Every ``train.lora.target_modules`` entry must name modules of the expert (checked on a weightless copy)."""
+    lora = config.train.lora
+    if not lora.enabled:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = config.expert.trust_remote_code
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.expert.path, trust_remote_code=trust),
+                                                 trust_remote_code=trust)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LightReasonerError(
+            f"train.lora.target_modules: {', '.join(missing)} match no module of the expert ({config.expert.path}); "
+            f"its linear layers are {', '.join(linear)}"
+        )
+
+
 def _samples_source(config: Config) -> str:
     return config.train.samples or config.samples_dir
 
@@ -190,9 +215,12 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = config.train
-    # Materialised before the workers reserve their CPUs, so no read task waits for one.
+    # Local files are read on this (the head) node: they need not be on every node.
+    paths = [path if storage.is_uri(path) else f"local://{Path(path).resolve()}" for path in files]
+    # Materialised before the workers reserve their CPUs, so no read task waits for one;
+    # several blocks, so that every worker gets a share.
     blocks = max(train.num_workers, min(info.rows, 16 * train.num_workers))
-    dataset = ray.data.read_parquet(files, columns=TRAIN_COLUMNS).repartition(blocks).materialize()
+    dataset = ray.data.read_parquet(paths).select_columns(TRAIN_COLUMNS).repartition(blocks).materialize()
     on_gpu = train.gpus_per_worker > 0
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if on_gpu else {})}
     storage_path = checkpoints_dir(config)
@@ -294,7 +322,7 @@ class _OrderedShards(DataConfig):
     dataset order: deterministic, which resuming at a data position relies on.
     """
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: D102
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         from ray.data import ExecutionOptions
 
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
@@ -367,7 +395,7 @@ def lr_multiplier(update: int, warmup_steps: int, max_steps: int, schedule: str)
 def _configure_worker_logging() -> None:
     package_logger = logging.getLogger("lightreasoner_ray")
     package_logger.setLevel(logging.INFO)
-    if not package_logger.handlers:
+    if not logging.getLogger().handlers and not package_logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package_logger.addHandler(handler)
@@ -445,8 +473,10 @@ class _MicroBatches:
         self.epoch = 0
 
     def skip(self, count: int) -> None:
+        if self.stream is None:
+            return
         for _ in range(count):
-            self.next()
+            self.epoch, _ = next(self.stream)
 
     def next(self) -> MicroBatch:
         if self.stream is None:
@@ -539,7 +569,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=SelectedStepLogits(causal_lm), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
     )
-    state = _restore(engine, train.lora.enabled)
+    state, latest_has_model = _restore(engine, train.lora.enabled)
     resumed_from = state.step
     micro_batches = _MicroBatches(trajectories, train, pad_id)
     micro_batches.skip(state.step * train.grad_accum)
@@ -548,6 +578,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     )
     if rank == 0:
         logger.info("%s at update %d of %d", "resuming" if state.step else "starting", state.step, train.max_steps)
+        if state.step > train.max_steps:
+            logger.warning("the latest checkpoint is at update %d, beyond train.max_steps=%d: nothing to train, the "
+                           "model is the one at update %d", state.step, train.max_steps, state.step)
     engine.train()
     nonfinite_step = 0
     for step in range(state.step + 1, train.max_steps + 1):
@@ -581,13 +614,21 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 logger.error("update %d: the loss is not finite; stopping at the last good checkpoint", step)
             break
         engine.step()
+        latest_has_model = False
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            # The update is applied and the weights are suspect: stop before any checkpoint holds them.
+            nonfinite_step = step
+            if metrics_log is not None:
+                metrics_log.append({"step": step, "loss": loss, "grad_norm": None, "nonfinite": True})
+                logger.error("update %d: the gradient norm is not finite; stopping at the last good checkpoint", step)
+            break
         elapsed = time.perf_counter() - update_started
         state.step = step
         state.tuned_steps += update_steps
         state.forward_tokens += int(tokens_total)
         state.train_time_s += elapsed
         state.loss = loss
-        grad_norm = engine.get_global_grad_norm()
         metrics = {
             "step": step,
             "loss": loss,
@@ -603,6 +644,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         final = step == train.max_steps
         if step % train.checkpoint_every == 0 or final:
             _save_checkpoint(engine, causal_lm, config, state, metrics, rank, final)
+            latest_has_model = final
         elif step % train.log_every == 0:
             ray.train.report(metrics)
         if metrics_log is not None and (step % train.log_every == 0 or final):
@@ -611,6 +653,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 "update %d/%d  loss %.4f  lr %.2e  %.1f selected steps/s  %.0f tokens/s",
                 step, train.max_steps, loss, lr, metrics["steps_per_s"], metrics["tokens_per_s"],
             )
+    if not nonfinite_step and not latest_has_model:
+        # Resumed at or past max_steps from a checkpoint that holds no final model.
+        _save_checkpoint(engine, causal_lm, config, state, {"step": state.step, "loss": state.loss}, rank,
+                         final=True, name_suffix="-final")
     return {
         **state.to_dict(),
         "nonfinite_step": nonfinite_step,
@@ -622,21 +668,24 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _restore(engine: Any, lora: bool) -> TrainState:
+def _restore(engine: Any, lora: bool) -> tuple[TrainState, bool]:
+    """The state of the latest checkpoint (a fresh one without), and whether it holds the final model."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainState()
+        return TrainState(), False
     with checkpoint.as_directory() as directory:
         load_path, _ = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=not lora)
         if load_path is None:
             raise LightReasonerError(f"cannot load the DeepSpeed state from checkpoint {directory}")
-        return TrainState(**json.loads(Path(directory, TRAIN_STATE_FILE).read_text()))
+        state = TrainState(**json.loads(Path(directory, TRAIN_STATE_FILE).read_text()))
+        return state, Path(directory, MODEL_SUBDIR).is_dir()
 
 
 def _save_checkpoint(
-    engine: Any, causal_lm: Any, config: Config, state: TrainState, metrics: dict[str, Any], rank: int, final: bool
+    engine: Any, causal_lm: Any, config: Config, state: TrainState, metrics: dict[str, Any], rank: int, final: bool,
+    name_suffix: str = "",
 ) -> None:
     """DeepSpeed state of every rank + the step counter (+ the HF model at the end), via ray.train.report."""
     import ray.train
@@ -651,7 +700,7 @@ def _save_checkpoint(
         if rank == 0:
             Path(directory, TRAIN_STATE_FILE).write_text(json.dumps(state.to_dict()))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"step_{state.step:07d}")
+                         checkpoint_dir_name=f"step_{state.step:07d}{name_suffix}")
 
 
 def save_hf_model(engine: Any, causal_lm: Any, config: Config, directory: str, rank: int) -> None:

@@ -257,6 +257,7 @@ def test_reference_jsonl_samples_are_imported_once_as_single_step_trajectories(t
         ("fine", ["train.deepspeed.stage=3", "train.deepspeed.offload=true"], "ZeRO stage 3 on CPU workers"),
         ("fine", ["train.gpus_per_worker=0.5"], "drives exactly one GPU"),
         ("fine", ["train.deepspeed.stage=1", "train.deepspeed.offload=true"], "needs ZeRO stage 2 or 3"),
+        ("fine", ["train.lora.target_modules=[q_proj,qkv_proj]"], "qkv_proj match no module of the expert"),
     ],
 )
 def test_bad_inputs_fail_before_any_worker_starts(tiny_pair, sampled, tmp_path, case, overrides, words):
@@ -285,3 +286,13 @@ def test_bad_inputs_fail_before_any_worker_starts(tiny_pair, sampled, tmp_path, 
     if case == "other_tokenizer":
         assert str(samples / "part-0.parquet") in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from lightreasoner_ray.training import lr_multiplier
+
+    assert [lr_multiplier(u, 4, 20, "constant") for u in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_multiplier(4, 4, 20, "linear") == 1.0 and lr_multiplier(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(20, 4, 20, "linear") == 0.0
+    assert lr_multiplier(12, 4, 20, "cosine") == pytest.approx(0.5) and lr_multiplier(20, 4, 20, "cosine") == pytest.approx(0.0)
+    assert lr_multiplier(0, 0, 10, "cosine") == 1.0
