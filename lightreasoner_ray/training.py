@@ -38,6 +38,7 @@ from lightreasoner_ray import storage
 from lightreasoner_ray.config import Config, TrainConfig, join_path
 from lightreasoner_ray.deepspeed_config import check_supported, deepspeed_config, use_bf16
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.metrics import record_train_step
 from lightreasoner_ray.train_data import (
     TRAIN_COLUMNS,
     MicroBatch,
@@ -649,6 +650,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
         if metrics_log is not None and (step % train.log_every == 0 or final):
             metrics_log.append(metrics)
+            record_train_step(step, loss, lr)
             logger.info(
                 "update %d/%d  loss %.4f  lr %.2e  %.1f selected steps/s  %.0f tokens/s",
                 step, train.max_steps, loss, lr, metrics["steps_per_s"], metrics["tokens_per_s"],
