@@ -1,4 +1,5 @@
-"""The whole pipeline (sample -> train -> evaluate) as a Ray job: ``ray job submit -- python jobs/pipeline.py --config C [key=value ...]``."""
+"""The whole pipeline (sample -> train -> evaluate; the same as jobs/run.py) as a Ray job:
+``ray job submit -- python jobs/pipeline.py --config C [key=value ...]``."""
 
 import sys
 

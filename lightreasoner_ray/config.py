@@ -94,8 +94,8 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def validate(self, key: str) -> None:
-        if self.r <= 0:
-            raise LightReasonerError(f"{key}.r must be > 0, got {self.r}")
+        if self.r <= 0 or self.alpha <= 0:
+            raise LightReasonerError(f"{key}.r and {key}.alpha must be > 0, got r={self.r}, alpha={self.alpha}")
         if not (0.0 <= self.dropout < 1.0):
             raise LightReasonerError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
@@ -181,6 +181,13 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size", "shard_size", "num_actors"):
             if getattr(self, name) <= 0:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
+        from lightreasoner_ray.benchmarks import BENCHMARKS
+
+        unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
+        if unknown:
+            raise LightReasonerError(
+                f"{key}.benchmarks: unknown benchmark {unknown[0]!r}; known benchmarks: {', '.join(BENCHMARKS)}"
+            )
         if self.limit is not None and self.limit <= 0:
             raise LightReasonerError(f"{key}.limit must be a positive integer or null, got {self.limit}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:

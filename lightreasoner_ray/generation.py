@@ -22,6 +22,11 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
             ids.add(value)
         elif value is not None:
             ids.update(int(v) for v in value)
+    # Base checkpoints (Qwen2.5-Math-1.5B, Qwen2.5-0.5B) name <|endoftext|> as EOS while
+    # their chat template closes the assistant turn with <|im_end|>: stop there too.
+    end_of_turn = tokenizer.get_vocab().get("<|im_end|>")
+    if end_of_turn is not None:
+        ids.add(int(end_of_turn))
     return ids
 
 
@@ -61,6 +66,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
         temperature=None,
         top_p=None,
         top_k=None,
+        repetition_penalty=1.0,
         pad_token_id=pad_id,
         eos_token_id=sorted(eos_ids),
     )

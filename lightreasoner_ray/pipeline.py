@@ -16,6 +16,7 @@ from typing import Any
 
 from lightreasoner_ray import storage
 from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.reports import accuracy_rows, markdown_table
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,25 @@ def _training_done(config: Config) -> dict[str, Any] | None:
     return summary if summary.get("steps") == config.train.max_steps else None
 
 
+def check_before_start(config: Config) -> None:
+    """Fail in seconds, not after hours of sampling and training, on what stage 3 would refuse."""
+    from lightreasoner_ray.evaluation import load_benchmarks
+
+    if storage.is_uri(config.output_dir):
+        raise LightReasonerError(
+            f"output_dir {config.output_dir}: `run` evaluates the trained model from <output_dir>/model, which "
+            "evaluator actors load from a filesystem path; use a shared filesystem path (the sample and train "
+            "stages alone accept s3:// and other URIs)"
+        )
+    load_benchmarks(config.eval)  # every benchmark file is there (or on the hub), every row parses
+
+
 def run_pipeline(config: Config) -> dict[str, Any]:
     from lightreasoner_ray.evaluation import run_evaluation
     from lightreasoner_ray.sampling import run_sampling
     from lightreasoner_ray.training import run_training
 
+    check_before_start(config)
     stage_seconds: dict[str, float] = {}
 
     started = time.time()
@@ -63,7 +78,7 @@ def run_pipeline(config: Config) -> dict[str, Any]:
 
     started = time.time()
     logger.info("stage 3/3: evaluating the baseline and the trained expert")
-    eval_config = dataclasses.replace(config.eval, models=pipeline_eval_models(config))
+    eval_config = dataclasses.replace(config.eval, model="", models=pipeline_eval_models(config))
     results = run_evaluation(dataclasses.replace(config, eval=eval_config))
     stage_seconds["evaluate"] = time.time() - started
 

@@ -216,12 +216,13 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = config.train
-    # Local files are read on this (the head) node: they need not be on every node.
-    paths = [path if storage.is_uri(path) else f"local://{Path(path).resolve()}" for path in files]
-    # Materialised before the workers reserve their CPUs, so no read task waits for one;
-    # several blocks, so that every worker gets a share.
+    # The driver reads the samples (local, shared or URI) and hands Ray Data the tables:
+    # no read task has to be scheduled, so a head node with no CPUs for tasks (as in
+    # cluster.yaml) cannot stall it, and local files need not be on every node.
+    tables = [storage.read_parquet(path, columns=TRAIN_COLUMNS) for path in files]
+    # Several blocks, so that every worker gets a share.
     blocks = max(train.num_workers, min(info.rows, 16 * train.num_workers))
-    dataset = ray.data.read_parquet(paths).select_columns(TRAIN_COLUMNS).repartition(blocks).materialize()
+    dataset = ray.data.from_arrow(tables).repartition(blocks).materialize()
     on_gpu = train.gpus_per_worker > 0
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if on_gpu else {})}
     storage_path = checkpoints_dir(config)

@@ -59,3 +59,10 @@ def test_missing_config_file():
 def test_every_shipped_config_loads():
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_unknown_benchmark_and_bad_lora_alpha_are_config_errors():
+    with pytest.raises(LightReasonerError, match="unknown benchmark 'nope'; known benchmarks: gsm8k"):
+        load_config(None, ["eval.benchmarks=[gsm8k,nope]"])
+    with pytest.raises(LightReasonerError, match="train.lora.r and train.lora.alpha must be > 0"):
+        load_config(None, ["train.lora.alpha=-3"])

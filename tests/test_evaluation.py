@@ -192,9 +192,9 @@ def never_called(spec):
 
 
 def test_unknown_benchmark_is_reported_before_any_model_loads(tiny_pair, tmp_path):
-    config = eval_config(tmp_path, f"expert.path={tiny_pair['expert']}", "eval.benchmarks=[gsm8k,gsm9k]")
+    # Refused when the config is read, before any model, data or Ray work.
     with pytest.raises(LightReasonerError, match=r"unknown benchmark 'gsm9k'.*known benchmarks: gsm8k, math, math500"):
-        run_evaluation(config, engine_factory=never_called)
+        eval_config(tmp_path, f"expert.path={tiny_pair['expert']}", "eval.benchmarks=[gsm8k,gsm9k]")
     assert not (tmp_path / "eval").exists()
 
 
