@@ -58,6 +58,42 @@ def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, An
     return problems, info
 
 
+SETTINGS_FILE = "sampling_settings.json"
+
+
+def sampling_settings(config: Config) -> dict[str, Any]:
+    """What the rows in a samples directory depend on: resuming must not mix two of these."""
+    sampling = config.sampling
+    return {
+        "expert": config.expert.path,
+        "amateur": config.amateur.path,
+        "alpha": sampling.alpha,
+        "beta": sampling.beta,
+        "max_new_tokens": sampling.max_new_tokens,
+        "system_prompt": sampling.system_prompt,
+    }
+
+
+def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any]) -> None:
+    """Record the settings of a new samples directory; refuse to resume one made with others.
+
+    The record sits beside ``samples/``, which stays a pure Parquet dataset.
+    """
+    path = join_path(output_dir, SETTINGS_FILE)
+    if not storage.exists(path):
+        if storage.list_parquet_files(samples_dir):
+            logger.warning("%s has samples but no %s; resuming without checking their settings", samples_dir, SETTINGS_FILE)
+        storage.write_json_atomic(path, settings)
+        return
+    recorded = storage.read_json(path)
+    changed = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+    if changed:
+        raise LightReasonerError(
+            f"{samples_dir} holds samples made with other settings ({'; '.join(changed)}); resuming would mix them. "
+            "Use a new output_dir, or delete the samples directory to start over."
+        )
+
+
 def finished_problem_ids(samples_dir: str) -> set[str]:
     done: set[str] = set()
     for path in storage.list_parquet_files(samples_dir):
@@ -79,6 +115,7 @@ def run_sampling(config: Config) -> dict[str, Any]:
     removed = storage.remove_stale_temporaries(samples_dir)
     if removed:
         logger.info("removed %d partial files left by an interrupted run", removed)
+    check_sampling_settings(config.output_dir, samples_dir, sampling_settings(config))
     done = finished_problem_ids(samples_dir)
     todo = [p for p in problems if p["problem_id"] not in done]
     logger.info("%d problems: %d already sampled, %d to go", len(problems), len(problems) - len(todo), len(todo))

@@ -211,3 +211,9 @@ def test_output_dir_as_a_uri_and_no_selected_steps(tiny_pair, problems_file, tmp
     assert len(read_samples(tmp_path / "uri-run")) == 3
     assert json.loads((tmp_path / "uri-run" / "samples_summary.json").read_text())["counts"]["problems"] == 3
     assert run_sampling(config)["counts"]["resumed_problems"] == 3
+
+
+def test_resuming_with_other_settings_is_refused(sampled, tiny_pair, problems_file):
+    output_dir, _ = sampled
+    with pytest.raises(LightReasonerError, match=r"other settings \(beta: 0.3 -> 0.5\).*new output_dir"):
+        run_sampling(sampling_config(tiny_pair, problems_file, output_dir, "sampling.beta=0.5"))
