@@ -208,18 +208,8 @@ def predictions_path(model_dir: str, benchmark: str) -> str:
     return join_path(model_dir, f"{benchmark}.jsonl")
 
 
-def _read_text(path: str) -> str:
-    if storage.is_uri(path):
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as handle:
-            return handle.read().decode("utf-8")
-    return Path(path).read_text(encoding="utf-8")
-
-
 def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:

@@ -52,12 +52,20 @@ def write_json_atomic(path: str, payload: Any) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8"))
 
 
-def read_json(path: str) -> Any:
+def read_bytes(path: str) -> bytes:
     if is_uri(path):
         filesystem, inner = _filesystem(path)
         with filesystem.open_input_stream(inner) as handle:
-            return json.loads(handle.read().decode("utf-8"))
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+            return handle.read()
+    return Path(path).expanduser().read_bytes()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
 
 
 def exists(path: str) -> bool:

@@ -340,17 +340,10 @@ def check_samples(files: Sequence[str], vocab_size: int, context: int) -> Sample
 REFERENCE_FIELDS = ("prompt_id", "prefix", "token_ids", "weights")
 
 
-def _read_text(path: str) -> bytes:
-    if storage.is_uri(path):
-        from pyarrow import fs
-
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as handle:
-            return handle.read()
-    local = Path(path).expanduser()
-    if not local.is_file():
+def _read_samples_file(path: str) -> bytes:
+    if not storage.is_uri(path) and not Path(path).expanduser().is_file():
         raise LightReasonerError(f"train.samples: {path} does not exist")
-    return local.read_bytes()
+    return storage.read_bytes(path)
 
 
 def _parse_reference_line(line: str, where: str, vocab_size: int) -> dict[str, Any]:
@@ -448,7 +441,7 @@ def import_reference_jsonl(path: str, tokenizer: Any, vocab_size: int, output_di
     The directory is ``<output_dir>/imported_samples/<name>-<digest>``, keyed by the
     file's content and the model, so a re-run reuses it and trains on the same rows.
     """
-    data = _read_text(path)
+    data = _read_samples_file(path)
     digest = hashlib.sha256(data + b"\0" + model_path.encode()).hexdigest()[:12]
     directory = join_path(output_dir, "imported_samples", f"{Path(path).stem}-{digest}")
     if storage.list_parquet_files(directory):

@@ -502,7 +502,7 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if storage.exists(path):
-            text = self._read(path)
+            text = storage.read_text(path)
             for line in text.splitlines():
                 try:
                     row = json.loads(line)
@@ -511,16 +511,6 @@ class MetricsLog:
                 if isinstance(row, dict) and int(row.get("step", 0)) <= resume_step:
                     self.rows.append(row)
         self._rewrite()
-
-    @staticmethod
-    def _read(path: str) -> str:
-        if storage.is_uri(path):
-            from pyarrow import fs
-
-            filesystem, inner = fs.FileSystem.from_uri(path)
-            with filesystem.open_input_stream(inner) as handle:
-                return handle.read().decode("utf-8")
-        return Path(path).read_text(encoding="utf-8")
 
     def _rewrite(self) -> None:
         text = "".join(json.dumps(row) + "\n" for row in self.rows)
