@@ -20,3 +20,12 @@ def test_base_model_eos_and_pad_equal(tiny_pair):
     for completion in completions:
         assert len(completion) <= 12
         assert all(token not in (endoftext, im_end) for token in completion[:-1])
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_pair):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair["expert"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["expert"])
+    prompts = [tokenizer.encode("Tom has 3 apples and buys many more of them at the shop."), tokenizer.encode("What?"),
+               tokenizer.encode("A train leaves at noon.")]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=10)
+    assert batched == [greedy_generate(model, tokenizer, [p], max_new_tokens=10)[0] for p in prompts]
