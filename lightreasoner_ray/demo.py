@@ -1,7 +1,9 @@
 """``lightreasoner demo``: the embedded default, on local Ray and the CPU.
 
-For now it runs the sampling stage end to end on a tiny random Qwen2 pair built on
-the fly (tokenizer trained in-process on the toy domain) over toy arithmetic problems.
+For now it runs the sampling stage end to end (Ray Data actors, local Ray, CPU) on a
+tiny random Qwen2 pair built on the fly (tokenizer trained in-process on the toy
+domain) over toy arithmetic problems. The toy-scale reproduction with a trained toy
+pair, distillation and evaluation is the next step (issue #6).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ def build_demo_inputs(directory: Path, num_problems: int = 32, seed: int = 0) ->
     from lightreasoner_ray.toy import corpus_texts, generate_problems
 
     problems_path = directory / f"toy_train_{num_problems}_{seed}.jsonl"
-    expert_path, amateur_path = directory / "tiny-random" / "expert", directory / "tiny-random" / "amateur"
+    pair_dir = directory / "tiny-random-v2"
+    expert_path, amateur_path = pair_dir / "expert", pair_dir / "amateur"
     rows = generate_problems(max(num_problems, 400), seed=seed, split="train")
     if not (expert_path / "config.json").exists() or not (amateur_path / "config.json").exists():
-        save_pair(directory / "tiny-random", corpus_texts(rows), DEFAULT_EXPERT, DEFAULT_AMATEUR)
+        save_pair(pair_dir, corpus_texts(rows), DEFAULT_EXPERT, DEFAULT_AMATEUR)
     if not problems_path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         temporary = problems_path.with_suffix(".tmp")
@@ -48,7 +51,7 @@ def demo_config(overrides: list[str] | None = None) -> Config:
         "expert": {"path": str(expert)},
         "amateur": {"path": str(amateur)},
         "data": {"problems": str(problems), "limit": 32},
-        "sampling": {"max_new_tokens": 48, "batch_size": 8, "num_actors": 2, "beta": 0.4},
+        "sampling": {"max_new_tokens": 48, "batch_size": 8, "num_actors": 2, "beta": 0.3},
         "output_dir": "outputs/demo",
     }
     for item in overrides or []:
