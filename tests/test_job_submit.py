@@ -33,14 +33,17 @@ def ray_cli() -> str:
 
 
 @pytest.fixture
-def ray_head(tmp_path_factory):
+def ray_head():
     """A Ray head bound to loopback with token auth; yields (dashboard URL, client env)."""
     gcs_port, dashboard_port, agent_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     temp_dir = Path("/tmp") / f"lr-head-{os.getpid()}"
-    token_file = tmp_path_factory.mktemp("auth") / "token"
-    token_file.write_text(os.urandom(16).hex())
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    env.pop("RAY_ADDRESS", None)
+    # The machine's token (~/.ray/auth_token), as `ray get-auth-token --generate` makes it: a
+    # process that already talked to a token-auth cluster keeps that token cached.
+    token = subprocess.run([ray_cli(), "get-auth-token", "--generate"], capture_output=True, text=True,
+                           check=True, env=dict(os.environ, RAY_AUTH_MODE="token")).stdout.strip()
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
     head = subprocess.Popen(
         [ray_cli(), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
@@ -49,7 +52,7 @@ def ray_head(tmp_path_factory):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard_port}"
-    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_file.read_text()}
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     try:
         yield url, client_env, env
     finally:
