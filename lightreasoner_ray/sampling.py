@@ -10,6 +10,8 @@ killed run loses at most the batches in flight and a re-run duplicates nothing.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -24,6 +26,9 @@ from lightreasoner_ray.prompts import prompt_ids
 from lightreasoner_ray import storage
 
 logger = logging.getLogger(__name__)
+
+# Test-only: SIGKILL this process right after writing that many files.
+TEST_KILL_ENV = "LIGHTREASONER_TEST_KILL_AFTER_FILES"
 
 
 def _model_context(path: str, trust_remote_code: bool) -> int:
@@ -143,9 +148,12 @@ def run_sampling(config: Config) -> dict[str, Any]:
         )
         from tqdm.auto import tqdm
 
+        kill_after = int(os.environ.get(TEST_KILL_ENV, "0"))
         with tqdm(total=len(todo), desc="sampling problems", unit="problem") as progress:
-            for batch in dataset.iter_batches(batch_size=sampling.rows_per_file, batch_format="pyarrow"):
+            for files, batch in enumerate(dataset.iter_batches(batch_size=sampling.rows_per_file, batch_format="pyarrow"), 1):
                 storage.write_parquet_atomic(batch, samples_dir, f"part-{uuid.uuid4().hex}.parquet")
+                if files == kill_after:  # tests: die like a killed job, mid-run, at a known point
+                    os.kill(os.getpid(), signal.SIGKILL)
                 new_rows += batch.num_rows
                 new_tokens += sum(len(c) for c in batch.column("completion_ids").to_pylist())
                 progress.update(batch.num_rows)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,19 +96,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(sampled, tiny_pair, prob
                  f"data.problems={problems_file}", f"output_dir={output_dir}", "data.limit=10",
                  f"sampling.beta={BETA}", "sampling.max_new_tokens=16", "sampling.batch_size=1",
                  "sampling.rows_per_file=1", "sampling.num_actors=1", "ray.num_cpus=2"]
-    env = dict(os.environ, RAY_ADDRESS="", LIGHTREASONER_NO_DASHBOARD="1")
+    # The job SIGKILLs itself right after its third file: a kill mid-run, at a known point.
+    env = dict(os.environ, RAY_ADDRESS="", LIGHTREASONER_NO_DASHBOARD="1", LIGHTREASONER_TEST_KILL_AFTER_FILES="3")
     process = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "jobs" / "sample.py"), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), *overrides],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 240
+    try:
+        assert process.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # Ray processes the killed driver left behind
+        except ProcessLookupError:
+            pass
     samples = output_dir / "samples"
-    while time.time() < deadline and len(list(samples.glob("*.parquet"))) < 2:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    partial = len(list(samples.glob("*.parquet")))
-    assert 2 <= partial < 10, "the run must be killed part-way"
+    assert len(list(samples.glob("*.parquet"))) == 3
 
     summary = run_sampling(sampling_config(tiny_pair, problems_file, output_dir))
     assert summary["counts"]["resumed_problems"] >= 2
