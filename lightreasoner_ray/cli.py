@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(command: str, config_path: str | None, overrides: list[str]) -> dict:
     """Load the config and run one stage (the jobs/*.py scripts call this too)."""
-    if command == "demo" and config_path is None:
-        from lightreasoner_ray.demo import demo_config
+    if command == "demo":
+        from lightreasoner_ray.demo import demo_config, demo_defaults
 
-        config = demo_config(overrides)
+        config = demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
     else:
         config = load_config(config_path, overrides)
     return STAGES[command](config)

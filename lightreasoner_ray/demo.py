@@ -1,22 +1,47 @@
-"""``lightreasoner demo``: the embedded default, on local Ray and the CPU.
+"""``lightreasoner demo``: LightReasoner reproduced at toy scale on local Ray and the CPU.
 
-For now it runs the sampling stage end to end (Ray Data actors, local Ray, CPU) on a
-tiny random Qwen2 pair built on the fly (tokenizer trained in-process on the toy
-domain) over toy arithmetic problems. The toy-scale reproduction with a trained toy
-pair, distillation and evaluation is the next step (issue #6).
+1. A toy expert and a weaker toy amateur are trained from scratch on toy arithmetic
+   word problems (built once, cached in the user's cache directory).
+2. Sampling (Ray Data actors): the expert answers toy train problems; both models
+   are contrasted at every position (one run with beta = 0, so every position has a
+   soft label; the LightReasoner set is then the positions with KL > sampling.beta).
+3. Training (Ray Train + DeepSpeed) of three variants from the same expert:
+   LightReasoner (KL-selected steps), SFT on the gold solutions of the same problems
+   (the paper's baseline), and the random-step ablation (the same number of steps
+   drawn uniformly, with soft labels built the same way).
+4. Evaluation (Ray actor pool) of the amateur, the expert and the three variants on
+   the held-out toy split; one table, written as demo_results.json/.md/.png.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
-from lightreasoner_ray.config import Config, apply_override, build_config, parse_override
+import pyarrow as pa
+
+from lightreasoner_ray import storage
+from lightreasoner_ray.ablations import random_steps, select_by_beta, sft_rows, tuned_tokens
+from lightreasoner_ray.config import Config, apply_override, build_config, join_path, parse_override
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.toy.pair import SYSTEM_PROMPT as TOY_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
+
+VARIANTS = ("lightreasoner", "sft", "random_steps")
+TITLES = {
+    "amateur": "amateur",
+    "expert": "expert",
+    "lightreasoner": "expert + LightReasoner",
+    "sft": "expert + SFT (gold solutions)",
+    "random_steps": "expert + random-step ablation",
+}
 
 
 def cache_dir() -> Path:
@@ -26,48 +51,237 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build_demo_inputs(directory: Path, num_problems: int = 32, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Toy problems (JSONL) and a tiny random expert/amateur pair, built once and cached."""
-    from lightreasoner_ray.tiny import DEFAULT_AMATEUR, DEFAULT_EXPERT, save_pair
-    from lightreasoner_ray.toy import corpus_texts, generate_problems
-
-    problems_path = directory / f"toy_train_{num_problems}_{seed}.jsonl"
-    pair_dir = directory / "tiny-random-v2"
-    expert_path, amateur_path = pair_dir / "expert", pair_dir / "amateur"
-    rows = generate_problems(max(num_problems, 400), seed=seed, split="train")
-    if not (expert_path / "config.json").exists() or not (amateur_path / "config.json").exists():
-        save_pair(pair_dir, corpus_texts(rows), DEFAULT_EXPERT, DEFAULT_AMATEUR)
-    if not problems_path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = problems_path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows[:num_problems]))
-        os.replace(temporary, problems_path)
-    return problems_path, expert_path, amateur_path
+def demo_defaults() -> dict[str, Any]:
+    """The demo's settings, before ``key=value`` overrides (model paths are filled in later)."""
+    return {
+        "data": {"limit": None, "shuffle": False},
+        "sampling": {"beta": 0.4, "alpha": 0.2, "max_new_tokens": 64, "batch_size": 32, "num_actors": 2,
+                     "system_prompt": TOY_SYSTEM_PROMPT},
+        "train": {"max_steps": 60, "lr": 2e-3, "micro_batch_steps": 64, "grad_accum": 1, "num_workers": 2,
+                  "checkpoint_every": 60, "warmup_steps": 5, "lr_schedule": "cosine",
+                  "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
+                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+                  "deepspeed": {"stage": 2}},
+        "eval": {"benchmarks": ["toy"], "max_new_tokens": 64, "batch_size": 64, "shard_size": 50, "num_actors": 2,
+                 "system_prompt": TOY_SYSTEM_PROMPT},
+        "output_dir": "outputs/demo",
+    }
 
 
 def demo_config(overrides: list[str] | None = None) -> Config:
-    problems, expert, amateur = build_demo_inputs(cache_dir() / "demo")
-    tree: dict[str, Any] = {
-        "expert": {"path": str(expert)},
-        "amateur": {"path": str(amateur)},
-        "data": {"problems": str(problems), "limit": 32},
-        "sampling": {"max_new_tokens": 48, "batch_size": 8, "num_actors": 2, "beta": 0.3},
-        "output_dir": "outputs/demo",
-    }
+    tree = demo_defaults()
     for item in overrides or []:
         apply_override(tree, *parse_override(item))
     return build_config(tree)
 
 
-def run_demo(config: Config) -> dict[str, Any]:
-    from lightreasoner_ray.sampling import run_sampling
+def quick_pair_spec():
+    """A pair trained for a few steps only: for tests of the demo's plumbing, not its numbers."""
+    from lightreasoner_ray.toy.pair import DEFAULT_SPEC
 
-    summary = run_sampling(config)
-    counts = summary["counts"]
-    print(
-        f"demo: sampled {counts['problems']} toy problems with a tiny random pair: {counts['completion_tokens']} "
-        f"completion tokens, {counts['selected_steps']} contrastive steps selected "
-        f"(ratio {counts['selection_ratio']:.3f}).\n"
-        f"samples: {config.samples_dir}\nsummary: {config.output_dir}/samples_summary.json"
+    return dataclasses.replace(
+        DEFAULT_SPEC,
+        expert=dataclasses.replace(DEFAULT_SPEC.expert, steps=20),
+        amateur=dataclasses.replace(DEFAULT_SPEC.amateur, steps=10),
+        tokenizer_problems=500, train_problems=1000, test_problems=20,
     )
-    return summary
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
+
+
+def _write_samples(rows: list[dict[str, Any]], directory: str) -> None:
+    from lightreasoner_ray.sampler import SAMPLES_SCHEMA
+
+    storage.make_dirs(directory)
+    for stale in storage.list_parquet_files(directory):
+        Path(stale).unlink()
+    storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA), directory, "part-0.parquet")
+
+
+def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
+    started = time.time()
+    result = function(*args, **kwargs)
+    timings[label] = time.time() - started
+    return result
+
+
+def run_demo(config: Config) -> dict[str, Any]:
+    from lightreasoner_ray.evaluation import run_evaluation
+    from lightreasoner_ray.sampling import run_sampling
+    from lightreasoner_ray.toy import generate_problems
+    from lightreasoner_ray.toy.pair import build_toy_pair
+    from lightreasoner_ray.training import run_training
+
+    demo = config.demo
+    out = config.output_dir
+    timings: dict[str, float] = {}
+    started = time.time()
+
+    pair = _timed("build_pair", timings, build_toy_pair, cache_dir() / ("toy_pair_quick" if demo.quick else "toy_pair"),
+                  spec=quick_pair_spec() if demo.quick else None)
+    data_dir = Path(out) / "data"
+    train_rows = generate_problems(demo.train_problems, seed=1000, split="train")
+    test_rows = generate_problems(demo.test_problems, seed=2000, split="test")
+    _write_jsonl(data_dir / "toy_train.jsonl", train_rows)
+    _write_jsonl(data_dir / "toy" / "test.jsonl", test_rows)
+
+    base = dataclasses.replace(
+        config,
+        expert=dataclasses.replace(config.expert, path=str(pair.expert_path)),
+        amateur=dataclasses.replace(config.amateur, path=str(pair.amateur_path)),
+        data=dataclasses.replace(config.data, problems=str(data_dir / "toy_train.jsonl")),
+    )
+
+    # Sampling once with beta = 0: a soft label at every position with any divergence.
+    all_steps = dataclasses.replace(base, output_dir=join_path(out, "all_steps"),
+                                    sampling=dataclasses.replace(base.sampling, beta=0.0))
+    _timed("sample", timings, run_sampling, all_steps)
+    sampled = storage.read_parquet(all_steps.samples_dir).to_pylist()
+    sampled.sort(key=lambda row: row["problem_id"])
+
+    lightreasoner_rows = select_by_beta(sampled, config.sampling.beta)
+    steps = tuned_tokens(lightreasoner_rows)
+    if steps == 0:
+        raise LightReasonerError(
+            f"demo: no position of the {len(sampled)} sampled trajectories has KL > sampling.beta = "
+            f"{config.sampling.beta}; lower sampling.beta (the KL quantiles are in "
+            f"{join_path(all_steps.output_dir, 'samples_summary.json')})"
+        )
+    tokenizer = _load_tokenizer(base)
+    by_id = {row["id"]: row for row in train_rows}
+    sft = sft_rows(
+        [row["problem_id"] for row in sampled],
+        [row["prompt_ids"] for row in sampled],
+        [tokenizer.encode(by_id[row["problem_id"]]["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
+         for row in sampled],
+    )
+
+    variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for seed in demo.seeds:
+        samples_by_variant = {
+            "lightreasoner": lightreasoner_rows,
+            "sft": sft,
+            "random_steps": random_steps(sampled, steps, seed=seed),
+        }
+        for name, rows in samples_by_variant.items():
+            run_dir = join_path(out, f"{name}-seed{seed}")
+            _write_samples(rows, join_path(run_dir, "samples"))
+            variant = dataclasses.replace(
+                base, output_dir=run_dir,
+                train=dataclasses.replace(base.train, seed=seed, samples=join_path(run_dir, "samples")),
+            )
+            logger.info("demo: training %s (seed %d) on %d tuned tokens", name, seed, tuned_tokens(rows))
+            run_timing: dict[str, float] = {}
+            summary = _timed("train", run_timing, run_training, variant)
+            variant_runs[name].append({"seed": seed, "model": summary["model"], "tuned_tokens": tuned_tokens(rows),
+                                       "train_time_s": run_timing["train"], "final_loss": summary["final_loss"]})
+
+    models = [f"amateur={pair.amateur_path}", f"expert={pair.expert_path}"] + [
+        f"{name}-seed{run['seed']}={run['model']}" for name in VARIANTS for run in variant_runs[name]
+    ]
+    evaluation = dataclasses.replace(base, eval=dataclasses.replace(base.eval, models=models, data_dir=str(data_dir),
+                                                                     limit=demo.test_problems))
+    results = _timed("evaluate", timings, run_evaluation, evaluation)
+    timings["total"] = time.time() - started
+
+    report = demo_report(config, pair, results, variant_runs, sampled, timings, steps)
+    paths = write_demo_report(out, report)
+    print(demo_markdown(report))
+    print(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
+    return report
+
+
+def _load_tokenizer(config: Config):
+    from lightreasoner_ray.models import load_tokenizer
+
+    return load_tokenizer(config.expert, "expert")
+
+
+def _accuracy(results: dict[str, Any], tag: str) -> float:
+    return results["models"][tag]["benchmarks"]["toy"]["accuracy"]
+
+
+def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
+                sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int) -> dict[str, Any]:
+    problems = len(sampled)
+    rows = [
+        {"model": "amateur", "accuracy_mean": _accuracy(results, "amateur"), "accuracy_std": 0.0, "accuracies": [],
+         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None},
+        {"model": "expert", "accuracy_mean": _accuracy(results, "expert"), "accuracy_std": 0.0, "accuracies": [],
+         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None},
+    ]
+    for name in VARIANTS:
+        runs = variant_runs[name]
+        accuracies = [_accuracy(results, f"{name}-seed{run['seed']}") for run in runs]
+        sampling_time = timings["sample"] if name != "sft" else 0.0
+        rows.append({
+            "model": name,
+            "accuracy_mean": statistics.fmean(accuracies),
+            "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "accuracies": accuracies,
+            "problems_used": problems,
+            "tuned_tokens": runs[0]["tuned_tokens"],
+            "wall_time_s": sampling_time + statistics.fmean(run["train_time_s"] for run in runs),
+        })
+    completion_tokens = sum(len(row["completion_ids"]) for row in sampled)
+    return {
+        "rows": rows,
+        "seeds": list(config.demo.seeds),
+        "held_out_problems": config.demo.test_problems,
+        "train_problems": problems,
+        "beta": config.sampling.beta,
+        "alpha": config.sampling.alpha,
+        "lightreasoner_steps": lightreasoner_steps,
+        "expert_completion_tokens": completion_tokens,
+        "toy_pair": {"expert": str(pair.expert_path), "amateur": str(pair.amateur_path),
+                     "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy},
+        "timings_s": timings,
+        "evaluation": results,
+    }
+
+
+def demo_markdown(report: dict[str, Any]) -> str:
+    from lightreasoner_ray.reports import markdown_table
+
+    def accuracy(row: dict[str, Any]) -> str:
+        text = f"{100 * row['accuracy_mean']:.1f}"
+        return text + (f" ± {100 * row['accuracy_std']:.1f}" if len(row["accuracies"]) > 1 else "")
+
+    table = markdown_table(
+        [[TITLES[row["model"]], accuracy(row), row["problems_used"] or "–", row["tuned_tokens"] or "–",
+          "–" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s"] for row in report["rows"]],
+        ["model", "held-out accuracy (%)", "problems used", "tuned tokens", "wall time"],
+    )
+    seeds = report["seeds"]
+    return (
+        f"# LightReasoner demo (toy arithmetic, CPU)\n\n{table}\n"
+        f"Held-out: {report['held_out_problems']} toy test problems, greedy. Training problems: "
+        f"{report['train_problems']} (the expert's own completions: {report['expert_completion_tokens']} tokens; "
+        f"LightReasoner keeps the {report['lightreasoner_steps']} with KL > β = {report['beta']}). "
+        f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else "") + ". "
+        "Wall time of a trained variant = its sampling (none for SFT) + training.\n"
+    )
+
+
+def write_demo_report(directory: str, report: dict[str, Any]) -> dict[str, str]:
+    from lightreasoner_ray.reports import bar_chart
+
+    paths = {
+        "json": join_path(directory, "demo_results.json"),
+        "markdown": join_path(directory, "demo_results.md"),
+        "chart": join_path(directory, "demo_results.png"),
+    }
+    storage.write_json_atomic(paths["json"], report)
+    storage.write_bytes_atomic(paths["markdown"], demo_markdown(report).encode("utf-8"))
+    chart_results = {
+        "benchmarks": ["toy"],
+        "models": {TITLES[row["model"]]: {"benchmarks": {"toy": {"accuracy": row["accuracy_mean"]}},
+                                          "average": row["accuracy_mean"]} for row in report["rows"]},
+    }
+    bar_chart(chart_results, paths["chart"], chart_title="Held-out toy accuracy (%)")
+    return paths

@@ -1,15 +1,40 @@
-"""`lightreasoner demo` (the README's main command) runs end to end from an empty cache."""
+"""A reduced `lightreasoner demo`: every real stage, few problems, few steps, a quick toy pair."""
+
+from __future__ import annotations
 
 import json
 
-from lightreasoner_ray.cli import run_command
+import pytest
+
+from lightreasoner_ray.demo import demo_config, run_demo
+
+pytestmark = pytest.mark.slow
 
 
-def test_demo_builds_its_inputs_and_samples(tmp_path, monkeypatch, ray_local):
+def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local):
     monkeypatch.setenv("LIGHTREASONER_CACHE", str(tmp_path / "cache"))
     output_dir = tmp_path / "demo"
-    summary = run_command("demo", None, [f"output_dir={output_dir}", "data.limit=6", "sampling.max_new_tokens=12"])
-    assert summary["counts"]["problems"] == 6
-    assert 0 < summary["counts"]["selected_steps"] <= summary["counts"]["completion_tokens"] <= 6 * 12
-    assert json.loads((output_dir / "samples_summary.json").read_text())["counts"] == summary["counts"]
-    assert (tmp_path / "cache" / "demo" / "tiny-random-v2" / "expert" / "config.json").is_file()
+    config = demo_config([
+        # The quick pair is barely trained: its KL is ~0.1 at every position, so beta sits just below.
+        "demo.quick=true", "sampling.beta=0.1", "demo.train_problems=12", "demo.test_problems=10", "train.max_steps=2",
+        "train.checkpoint_every=2", "sampling.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={output_dir}",
+    ])
+    report = run_demo(config)
+
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows) == ["amateur", "expert", "lightreasoner", "sft", "random_steps"]
+    for row in rows.values():
+        assert 0.0 <= row["accuracy_mean"] <= 1.0
+    # The random-step control tunes exactly as many positions as LightReasoner ...
+    assert rows["random_steps"]["tuned_tokens"] == rows["lightreasoner"]["tuned_tokens"] == report["lightreasoner_steps"] > 0
+    # ... and SFT tunes every token of the gold solutions (plus the end-of-turn token).
+    assert rows["sft"]["tuned_tokens"] > rows["lightreasoner"]["tuned_tokens"]
+    assert all(rows[name]["problems_used"] == 12 for name in ("lightreasoner", "sft", "random_steps"))
+    evaluation = report["evaluation"]["models"]
+    assert {tag: model["benchmarks"]["toy"]["n"] for tag, model in evaluation.items()} == {
+        "amateur": 10, "expert": 10, "lightreasoner-seed0": 10, "sft-seed0": 10, "random_steps-seed0": 10}
+    on_disk = json.loads((output_dir / "demo_results.json").read_text())
+    assert [row["model"] for row in on_disk["rows"]] == list(rows)
+    markdown = (output_dir / "demo_results.md").read_text()
+    assert "expert + LightReasoner" in markdown and "expert + random-step ablation" in markdown
+    assert (output_dir / "demo_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
