@@ -57,13 +57,14 @@ def demo_defaults() -> dict[str, Any]:
         "data": {"limit": None, "shuffle": False},
         "sampling": {"beta": 0.4, "alpha": 0.2, "max_new_tokens": 64, "batch_size": 32, "num_actors": 2,
                      "system_prompt": TOY_SYSTEM_PROMPT},
-        "train": {"max_steps": 60, "lr": 2e-3, "micro_batch_steps": 64, "grad_accum": 1, "num_workers": 2,
+        "train": {"max_steps": 60, "lr": 2e-4, "micro_batch_steps": 64, "grad_accum": 1, "num_workers": 2,
                   "checkpoint_every": 60, "warmup_steps": 5, "lr_schedule": "cosine",
                   "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
                   "deepspeed": {"stage": 2}},
         "eval": {"benchmarks": ["toy"], "max_new_tokens": 64, "batch_size": 64, "shard_size": 50, "num_actors": 2,
                  "system_prompt": TOY_SYSTEM_PROMPT},
+        "demo": {"seeds": [0, 1, 2]},
         "output_dir": "outputs/demo",
     }
 
@@ -189,7 +190,8 @@ def run_demo(config: Config) -> dict[str, Any]:
     results = _timed("evaluate", timings, run_evaluation, evaluation)
     timings["total"] = time.time() - started
 
-    report = demo_report(config, pair, results, variant_runs, sampled, timings, steps)
+    slips = hasty_slip_rates(evaluation, test_rows)
+    report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips)
     paths = write_demo_report(out, report)
     print(demo_markdown(report))
     print(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
@@ -202,18 +204,40 @@ def _load_tokenizer(config: Config):
     return load_tokenizer(config.expert, "expert")
 
 
+def hasty_slip_rates(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per evaluated model: among the held-out problems that end in a doubling or tripling,
+    the share answered with the value before it (the slip the toy pair learned, see
+    :func:`lightreasoner_ray.toy.domain.hasty_solution`), from the evaluator's predictions."""
+    from lightreasoner_ray.evaluation import eval_dir, predictions_path, read_jsonl_rows
+    from lightreasoner_ray.toy.pair import hasty_answer_rate
+
+    rates: dict[str, float | None] = {}
+    for spec in evaluation.eval.models:
+        tag = spec.split("=", 1)[0]
+        extracted = {str(row["id"]): row["extracted"]
+                     for row in read_jsonl_rows(predictions_path(join_path(eval_dir(evaluation), tag), "toy"))}
+        rates[tag] = hasty_answer_rate([extracted.get(str(row["id"])) for row in test_rows], test_rows)
+    return rates
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.fmean(known) if known else None
+
+
 def _accuracy(results: dict[str, Any], tag: str) -> float:
     return results["models"][tag]["benchmarks"]["toy"]["accuracy"]
 
 
 def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
-                sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int) -> dict[str, Any]:
+                sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int,
+                slips: dict[str, float | None] | None = None) -> dict[str, Any]:
     problems = len(sampled)
+    slips = slips or {}
     rows = [
-        {"model": "amateur", "accuracy_mean": _accuracy(results, "amateur"), "accuracy_std": 0.0, "accuracies": [],
-         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None},
-        {"model": "expert", "accuracy_mean": _accuracy(results, "expert"), "accuracy_std": 0.0, "accuracies": [],
-         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None},
+        {"model": name, "accuracy_mean": _accuracy(results, name), "accuracy_std": 0.0, "accuracies": [],
+         "hasty_slip_rate": slips.get(name), "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None}
+        for name in ("amateur", "expert")
     ]
     for name in VARIANTS:
         runs = variant_runs[name]
@@ -224,6 +248,7 @@ def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dic
             "accuracy_mean": statistics.fmean(accuracies),
             "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
             "accuracies": accuracies,
+            "hasty_slip_rate": _mean_or_none([slips.get(f"{name}-seed{run['seed']}") for run in runs]),
             "problems_used": problems,
             "tuned_tokens": runs[0]["tuned_tokens"],
             "wall_time_s": sampling_time + statistics.fmean(run["train_time_s"] for run in runs),
@@ -252,10 +277,14 @@ def demo_markdown(report: dict[str, Any]) -> str:
         text = f"{100 * row['accuracy_mean']:.1f}"
         return text + (f" ± {100 * row['accuracy_std']:.1f}" if len(row["accuracies"]) > 1 else "")
 
+    def slip(row: dict[str, Any]) -> str:
+        rate = row.get("hasty_slip_rate")
+        return "–" if rate is None else f"{100 * rate:.0f}"
+
     table = markdown_table(
-        [[TITLES[row["model"]], accuracy(row), row["problems_used"] or "–", row["tuned_tokens"] or "–",
+        [[TITLES[row["model"]], accuracy(row), slip(row), row["problems_used"] or "–", row["tuned_tokens"] or "–",
           "–" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s"] for row in report["rows"]],
-        ["model", "held-out accuracy (%)", "problems used", "tuned tokens", "wall time"],
+        ["model", "held-out accuracy (%)", "hasty slips (%)", "problems used", "tuned tokens", "wall time"],
     )
     seeds = report["seeds"]
     return (
@@ -264,13 +293,44 @@ def demo_markdown(report: dict[str, Any]) -> str:
         f"{report['train_problems']} (the expert's own completions: {report['expert_completion_tokens']} tokens; "
         f"LightReasoner keeps the {report['lightreasoner_steps']} with KL > β = {report['beta']}). "
         f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else "") + ". "
-        "Wall time of a trained variant = its sampling (none for SFT) + training.\n"
+        "Wall time of a trained variant = its sampling (none for SFT) + training. Hasty slips: of the "
+        "held-out problems that end in a doubling or tripling, the share answered with the value before it "
+        "(the weakness the toy pair was given, milder in the expert than in the amateur).\n"
     )
 
 
-def write_demo_report(directory: str, report: dict[str, Any]) -> dict[str, str]:
-    from lightreasoner_ray.reports import bar_chart
+def demo_chart_png(report: dict[str, Any]) -> bytes:
+    """One bar per model (mean held-out accuracy), the spread over seeds as error bars and
+    each seed's accuracy as a dot."""
+    import io
 
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report["rows"]
+    figure = Figure(figsize=(8.5, 4.4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    means = [100 * row["accuracy_mean"] for row in rows]
+    spreads = [100 * row["accuracy_std"] for row in rows]
+    bars = axes.bar(range(len(rows)), means, yerr=spreads, capsize=4, color=[f"C{i}" for i in range(len(rows))])
+    axes.bar_label(bars, labels=[f"{value:.1f}" for value in means], fontsize=8, padding=3)
+    for position, row in enumerate(rows):
+        if len(row["accuracies"]) > 1:
+            axes.plot([position] * len(row["accuracies"]), [100 * a for a in row["accuracies"]], "k.", markersize=4)
+    axes.set_xticks(range(len(rows)), [TITLES[row["model"]].replace(" + ", "\n+ ") for row in rows], fontsize=8)
+    axes.set_ylabel("held-out accuracy (%)")
+    axes.set_ylim(0, 100)
+    seeds = report["seeds"]
+    axes.set_title(f"LightReasoner at toy scale: {report['held_out_problems']} held-out problems"
+                   + (f", {len(seeds)} seeds (mean, std, each seed)" if len(seeds) > 1 else ""), fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_demo_report(directory: str, report: dict[str, Any]) -> dict[str, str]:
     paths = {
         "json": join_path(directory, "demo_results.json"),
         "markdown": join_path(directory, "demo_results.md"),
@@ -278,10 +338,5 @@ def write_demo_report(directory: str, report: dict[str, Any]) -> dict[str, str]:
     }
     storage.write_json_atomic(paths["json"], report)
     storage.write_bytes_atomic(paths["markdown"], demo_markdown(report).encode("utf-8"))
-    chart_results = {
-        "benchmarks": ["toy"],
-        "models": {TITLES[row["model"]]: {"benchmarks": {"toy": {"accuracy": row["accuracy_mean"]}},
-                                          "average": row["accuracy_mean"]} for row in report["rows"]},
-    }
-    bar_chart(chart_results, paths["chart"], chart_title="Held-out toy accuracy (%)")
+    storage.write_bytes_atomic(paths["chart"], demo_chart_png(report))
     return paths

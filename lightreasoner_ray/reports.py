@@ -98,7 +98,9 @@ def bar_chart_png(results: dict[str, Any], chart_title: str = "Zero-shot pass@1 
     from matplotlib.figure import Figure
 
     benchmarks = paper_order(results["benchmarks"])
-    labels = [title(b) for b in benchmarks] + [AVERAGE_TITLE]
+    # With a single benchmark its AVG would repeat it.
+    with_average = len(benchmarks) > 1
+    labels = [title(b) for b in benchmarks] + ([AVERAGE_TITLE] if with_average else [])
     models = list(results["models"].items())
     figure = Figure(figsize=(max(6.0, 1.5 + len(labels) * (0.5 + 0.35 * len(models))), 4.2), dpi=120)
     FigureCanvasAgg(figure)
@@ -106,7 +108,8 @@ def bar_chart_png(results: dict[str, Any], chart_title: str = "Zero-shot pass@1 
     width = 0.8 / max(1, len(models))
     for position, (tag, model) in enumerate(models):
         values = [100 * model["benchmarks"][b]["accuracy"] if b in model["benchmarks"] else 0.0 for b in benchmarks]
-        values.append(100 * (model.get("average") or 0.0))
+        if with_average:
+            values.append(100 * (model.get("average") or 0.0))
         offsets = [i + (position - (len(models) - 1) / 2) * width for i in range(len(labels))]
         bars = axes.bar(offsets, values, width=width, label=tag)
         axes.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)

@@ -16,6 +16,8 @@ from lightreasoner_ray.toy import (
     check_solution,
     corpus_texts,
     generate_problems,
+    hasty_answer,
+    hasty_solution,
     parse_solution,
     solution_steps,
 )
@@ -198,3 +200,25 @@ def test_bad_arguments(kwargs):
 
 def test_zero_rows():
     assert generate_problems(0) == []
+
+
+def test_hasty_solution_stops_exactly_before_a_final_doubling_or_tripling(train_rows):
+    hasty_rows = 0
+    for row in train_rows:
+        steps = solution_steps(row)
+        question_ends_scaling = row["question"].split(" How many")[0].endswith(("doubles them.", "triples them."))
+        hasty = hasty_solution(row)
+        if hasty is None:
+            assert not (len(steps) >= 2 and question_ends_scaling), row
+            continue
+        hasty_rows += 1
+        assert question_ends_scaling and len(steps) >= 2, row
+        # A correct chain of every step but the last, boxing the value before the scaling:
+        # check it with the domain's own checker as a problem of one level less.
+        shortened = dict(row, solution=hasty, answer=str(steps[-2].c), level=len(steps) - 1)
+        assert check_solution(shortened), hasty
+        assert hasty_answer(row) == str(steps[-2].c) != row["answer"]
+        # The same text as the gold solution up to the scaling line.
+        gold_lines = row["solution"].split("\n")
+        assert hasty.split("\n")[:-1] == gold_lines[:-2]
+    assert 0.05 < hasty_rows / len(train_rows) < 0.3

@@ -249,3 +249,17 @@ def test_batched_accuracy_matches_a_naive_oracle(built):
 
     with pytest.raises(LightReasonerError):
         evaluate_toy_accuracy(built.expert_path, [])
+
+
+def test_hasty_share_follows_each_models_rate():
+    from lightreasoner_ray.toy.pair import _with_hasty
+
+    gold, hasty = ([1, 2, 3], 1), ([1, 2, 4], 1)
+    encoded = {2: [(gold, hasty)] * 500 + [(gold, None)] * 500}
+    for rate, low, high in ((0.0, 0, 0), (1.0, 500, 500), (0.6, 250, 350)):
+        chosen, count = _with_hasty(encoded, rate, seed=3)
+        assert low <= count <= high
+        assert sum(example is hasty for example in chosen[2]) == count
+        assert all(example is gold for example in chosen[2][500:])  # rows without a hasty solution stay gold
+    with pytest.raises(LightReasonerError, match="hasty_rate"):
+        _with_hasty(encoded, 1.5, seed=0)

@@ -13,6 +13,8 @@ from lightreasoner_ray.toy.domain import (
     check_solution,
     corpus_texts,
     generate_problems,
+    hasty_answer,
+    hasty_solution,
     parse_solution,
     solution_steps,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "check_solution",
     "corpus_texts",
     "generate_problems",
+    "hasty_answer",
+    "hasty_solution",
     "parse_solution",
     "solution_steps",
 ]

@@ -209,6 +209,31 @@ def generate_problems(
     return rows
 
 
+def hasty_solution(row: dict) -> str | None:
+    """The row's solution with a known slip: it stops before a final doubling or tripling.
+
+    For a problem of two or more steps whose last operation is "doubles/triples
+    them", the hasty solution writes every line but that last one and boxes the
+    value before it (a wrong answer); for any other problem it returns None. The
+    demo's toy pair learns from data where some solutions are hasty, the expert
+    from a share of them, the amateur from almost all, so that the expert shares a
+    weakness with the amateur, only milder: the kind of weakness the contrast
+    between them can point at.
+    """
+    steps = solution_steps(row)
+    # Only the opening can be a multiplication besides "doubles/triples them", so a
+    # multiplication after the first step is one of those.
+    if len(steps) < 2 or steps[-1].op != "*":
+        return None
+    return format_solution(steps[:-1])
+
+
+def hasty_answer(row: dict) -> str | None:
+    """The answer of :func:`hasty_solution` (the value before the final doubling or tripling), or None."""
+    hasty = hasty_solution(row)
+    return None if hasty is None else str(parse_solution(hasty)[1])
+
+
 def corpus_texts(rows: Iterable[dict]) -> list[str]:
     """Texts to train a tokenizer on: each row's question, then its solution."""
     texts: list[str] = []

@@ -20,6 +20,12 @@ and the expert has room to improve::
 - **Strength**: a model may stop early once its greedy accuracy on validation
   problems (train split, never trained on) reaches a set level; the reported
   accuracies are measured afterwards on the held-out ``test`` split.
+- **A shared weakness**: in each model's training data a share of the problems
+  that end in a doubling or tripling have a *hasty* solution that stops one step
+  early (:func:`lightreasoner_ray.toy.domain.hasty_solution`), a small share for
+  the expert and nearly all for the amateur. The expert inherits the slip mildly,
+  the amateur strongly: what the contrast between them can point at, the way a
+  real amateur's habits point at the expert's remaining ones.
 
 The build is deterministic for a seed (at a fixed thread count) and cached:
 ``directory/toy_pair.json`` records the recipe's hash, and a directory holding a
@@ -48,11 +54,11 @@ import torch
 
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.tiny import TinyModelSpec, build_model, train_tokenizer
-from lightreasoner_ray.toy.domain import boxed_answer, corpus_texts, generate_problems
+from lightreasoner_ray.toy.domain import boxed_answer, corpus_texts, generate_problems, hasty_answer, hasty_solution
 
 logger = logging.getLogger(__name__)
 
-PAIR_VERSION = 1
+PAIR_VERSION = 2
 """Bumped whenever the build changes in a way the recipe hash cannot see."""
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -80,6 +86,10 @@ class ToyModelRecipe:
     eval_every: int = 50
     min_steps: int = 0
     """No validation before this step."""
+    hasty_rate: float = 0.0
+    """Share of its training problems that end in a doubling or tripling whose
+    solution is the hasty one (:func:`lightreasoner_ray.toy.domain.hasty_solution`:
+    it stops one step early). The weakness the expert shares, milder, with the amateur."""
 
 
 @dataclass(frozen=True)
@@ -127,28 +137,29 @@ DEFAULT_SPEC = ToyPairSpec(
     expert=ToyModelRecipe(
         spec=TinyModelSpec(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256,
                            max_position_embeddings=256, seed=1),
-        steps=2400,
+        steps=2000,
         batch_size=16,
         lr=7e-4,
-        stop_at_accuracy=0.68,
-        min_steps=1200,
-        eval_every=50,
+        hasty_rate=0.6,
     ),
     amateur=ToyModelRecipe(
         spec=TinyModelSpec(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=96,
                            max_position_embeddings=256, seed=2),
-        steps=2400,
+        steps=2000,
         batch_size=16,
         lr=3e-3,
         stop_at_accuracy=0.22,
         min_steps=800,
         eval_every=100,
+        hasty_rate=0.95,
     ),
 )
-"""The demo's pair. Expert: 3 layers x 128 (0.58M parameters), trained until 68% on
-validation; amateur: 2 layers x 48 (0.09M), stopped at 22%. For seed 0 this gives
-70.0% and 24.5% greedy accuracy on the 200 held-out test problems (levels 1-4) in
-about 4 minutes of one CPU core."""
+"""The demo's pair. Expert: 3 layers x 128 (0.58M parameters), 2000 steps, the full
+cosine schedule; amateur: 2 layers x 48 (0.09M), stopped at 22% validation accuracy or
+2000 steps. Both learn from data where the problems that end in a doubling or tripling
+often have a hasty solution that stops one step early: 60% of them for the expert, 95%
+for the amateur. The expert's greedy answers keep some of that slip; the amateur's
+nearly always do (when it gets that far)."""
 
 
 # --------------------------------------------------------------------------
@@ -408,7 +419,16 @@ def _accuracy_report(model_dir: Path, problems: Sequence[dict], spec: ToyPairSpe
         "accuracy": sum(correct) / len(correct),
         "accuracy_by_level": by_level,
         "boxed_rate": sum(boxed_answer(text) is not None for text in completions) / len(completions),
+        "hasty_answer_rate": hasty_answer_rate([boxed_answer(text) for text in completions], problems),
     }
+
+
+def hasty_answer_rate(answers: Sequence[str | None], problems: Sequence[dict]) -> float | None:
+    """Among the problems that end in a doubling or tripling, the share answered with the
+    value before it (the hasty slip); None when no problem ends that way."""
+    slips = [answer == hasty for answer, row in zip(answers, problems)
+             if (hasty := hasty_answer(row)) is not None]
+    return sum(slips) / len(slips) if slips else None
 
 
 # --------------------------------------------------------------------------
@@ -453,6 +473,22 @@ def _mix(examples_by_level: dict[int, list], levels: Sequence[int]) -> list:
     return mixed
 
 
+def _with_hasty(encoded: dict[int, list], rate: float, seed: int) -> tuple[dict[int, list], int]:
+    """One model's training examples: the hasty solution for a ``rate`` share of the rows that have one."""
+    if not 0.0 <= rate <= 1.0:
+        raise LightReasonerError(f"toy pair: hasty_rate must be in [0, 1], got {rate}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen: dict[int, list] = {}
+    count = 0
+    for level, examples in encoded.items():
+        draws = torch.rand(len(examples), generator=generator).tolist()
+        for (gold, hasty), draw in zip(examples, draws):
+            use_hasty = hasty is not None and draw < rate
+            count += use_hasty
+            chosen.setdefault(level, []).append(hasty if use_hasty else gold)
+    return chosen, count
+
+
 def _validation_stopper(model: Any, tokenizer: Any, recipe: ToyModelRecipe, rows: Sequence[dict],
                         spec: ToyPairSpec, name: str, history: list[list[float]]) -> Callable[[int, float], bool]:
     """An ``on_step`` callback: every ``eval_every`` steps, stop once validation accuracy is high enough."""
@@ -484,10 +520,15 @@ def _build_into(root: Path, seed: int, spec: ToyPairSpec, progress: bool) -> dic
     test_rows = generate_problems(spec.test_problems, seed=seed, split="test", levels=spec.test_levels)
 
     tokenizer = train_pair_tokenizer(train_rows[: spec.tokenizer_problems], spec.vocab_size, root / "tokenizer")
-    examples_by_level: dict[int, list[tuple[list[int], int]]] = {}
+    # Each row encoded once with its solution and, when it has one, with its hasty solution.
+    encoded: dict[int, list[tuple[tuple[list[int], int], tuple[list[int], int] | None]]] = {}
     for row in train_rows:
-        examples_by_level.setdefault(row["level"], []).append(encode_example(tokenizer, row))
-    lengths = [len(ids) for examples in examples_by_level.values() for ids, _ in examples]
+        hasty = hasty_solution(row)
+        encoded.setdefault(row["level"], []).append(
+            (encode_example(tokenizer, row),
+             None if hasty is None else encode_example(tokenizer, dict(row, solution=hasty)))
+        )
+    lengths = [len(gold[0]) for examples in encoded.values() for gold, _ in examples]
     longest = max(lengths)
     metadata: dict[str, Any] = {
         "tokenizer": {"vocab_size": len(tokenizer), "class": type(tokenizer).__name__},
@@ -516,6 +557,7 @@ def _build_into(root: Path, seed: int, spec: ToyPairSpec, progress: bool) -> dic
         model = build_model(tokenizer, dataclasses.replace(recipe.spec, seed=recipe.spec.seed + 1000 * seed))
         history: list[list[float]] = []
         stopper = _validation_stopper(model, tokenizer, recipe, validation_rows, spec, name, history)
+        examples_by_level, hasty_count = _with_hasty(encoded, recipe.hasty_rate, seed=seed * 7919 + offset)
         losses = train_model(model, _mix(examples_by_level, recipe.levels), recipe, tokenizer.pad_token_id,
                              seed=seed * 7919 + offset, progress=progress, name=name, on_step=stopper)
         path = root / name
@@ -525,6 +567,7 @@ def _build_into(root: Path, seed: int, spec: ToyPairSpec, progress: bool) -> dic
         t0 = time.perf_counter()
         report = _accuracy_report(path, test_rows, spec)
         report.update(
+            hasty_training_examples=hasty_count,
             parameters=_count_parameters(model),
             steps=len(losses),
             final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
