@@ -125,6 +125,7 @@ def run_demo(config: Config) -> dict[str, Any]:
 
     pair = _timed("build_pair", timings, build_toy_pair, cache_dir() / ("toy_pair_quick" if demo.quick else "toy_pair"),
                   spec=quick_pair_spec() if demo.quick else None)
+    claim_output_dir(config, pair.spec_hash)
     data_dir = Path(out) / "data"
     train_rows = generate_problems(demo.train_problems, seed=1000, split="train")
     test_rows = generate_problems(demo.test_problems, seed=2000, split="test")
@@ -196,6 +197,46 @@ def run_demo(config: Config) -> dict[str, Any]:
     print(demo_markdown(report))
     print(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
     return report
+
+
+SETTINGS_FILE = "demo_settings.json"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def claim_output_dir(config: Config, pair_hash: str) -> None:
+    """Every stage of the demo resumes from what ``output_dir`` holds, so a directory
+    that holds a demo run with other settings (or another toy pair) is refused rather
+    than silently reused. Seeds may be added; ``ray`` settings do not matter."""
+    tree = dataclasses.asdict(config)
+    for key in ("output_dir", "ray"):
+        tree.pop(key, None)
+    tree["demo"].pop("seeds", None)
+    settings = {"toy_pair": pair_hash, **_flatten(tree)}
+    path = Path(config.output_dir) / SETTINGS_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = None
+        if previous != settings:
+            changed = sorted(key for key in set(settings) | set(previous or {})
+                             if (previous or {}).get(key, "<missing>") != settings.get(key, "<missing>"))
+            raise LightReasonerError(
+                f"demo: {config.output_dir} holds a demo run with other settings ({', '.join(changed[:8]) or path}"
+                f"{', ...' if len(changed) > 8 else ''} differ, see {path}); its stages would be resumed, not "
+                "redone: pass another output_dir=... or delete that directory"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json_atomic(str(path), settings)
 
 
 def _load_tokenizer(config: Config):
