@@ -118,14 +118,19 @@ def run_demo(config: Config) -> dict[str, Any]:
     from lightreasoner_ray.toy.pair import build_toy_pair
     from lightreasoner_ray.training import run_training
 
+    from lightreasoner_ray.ray_session import init_ray
+
+    check_demo_config(config)
     demo = config.demo
     out = config.output_dir
     timings: dict[str, float] = {}
     started = time.time()
+    # Ray starts before any stage is timed, so its start-up is charged to no variant.
+    init_ray(config.ray)
 
     pair = _timed("build_pair", timings, build_toy_pair, cache_dir() / ("toy_pair_quick" if demo.quick else "toy_pair"),
                   spec=quick_pair_spec() if demo.quick else None)
-    claim_output_dir(config, pair.spec_hash)
+    claim_output_dir(config, pair_fingerprint(pair))
     data_dir = Path(out) / "data"
     train_rows = generate_problems(demo.train_problems, seed=1000, split="train")
     test_rows = generate_problems(demo.test_problems, seed=2000, split="test")
@@ -142,7 +147,8 @@ def run_demo(config: Config) -> dict[str, Any]:
     # Sampling once with beta = 0: a soft label at every position with any divergence.
     all_steps = dataclasses.replace(base, output_dir=join_path(out, "all_steps"),
                                     sampling=dataclasses.replace(base.sampling, beta=0.0))
-    _timed("sample", timings, run_sampling, all_steps)
+    sampling_summary = _timed("sample", timings, run_sampling, all_steps)
+    sampling_resumed = bool(sampling_summary.get("counts", {}).get("resumed_problems"))
     sampled = storage.read_parquet(all_steps.samples_dir).to_pylist()
     sampled.sort(key=lambda row: row["problem_id"])
 
@@ -181,7 +187,10 @@ def run_demo(config: Config) -> dict[str, Any]:
             run_timing: dict[str, float] = {}
             summary = _timed("train", run_timing, run_training, variant)
             variant_runs[name].append({"seed": seed, "model": summary["model"], "tuned_tokens": tuned_tokens(rows),
-                                       "train_time_s": run_timing["train"], "final_loss": summary["final_loss"]})
+                                       "train_time_s": run_timing["train"], "final_loss": summary["final_loss"],
+                                       # A resumed stage's time is not the time the variant costs.
+                                       "resumed": bool(summary.get("resumed_from_step"))
+                                       or (name != "sft" and sampling_resumed)})
 
     models = [f"amateur={pair.amateur_path}", f"expert={pair.expert_path}"] + [
         f"{name}-seed{run['seed']}={run['model']}" for name in VARIANTS for run in variant_runs[name]
@@ -191,7 +200,7 @@ def run_demo(config: Config) -> dict[str, Any]:
     results = _timed("evaluate", timings, run_evaluation, evaluation)
     timings["total"] = time.time() - started
 
-    slips = hasty_slip_rates(evaluation, test_rows)
+    slips = hasty_slips(evaluation, test_rows)
     report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips)
     paths = write_demo_report(out, report)
     print(demo_markdown(report))
@@ -200,6 +209,29 @@ def run_demo(config: Config) -> dict[str, Any]:
 
 
 SETTINGS_FILE = "demo_settings.json"
+
+
+def check_demo_config(config: Config) -> None:
+    """What the demo needs beyond a valid config, checked before anything runs."""
+    if "://" in config.output_dir:
+        raise LightReasonerError(f"demo: output_dir must be a local directory, got {config.output_dir!r}")
+    if list(config.eval.benchmarks) != ["toy"]:
+        raise LightReasonerError(f"demo: eval.benchmarks must be [toy] (the held-out toy split), "
+                                 f"got {list(config.eval.benchmarks)}")
+    if len(set(config.demo.seeds)) != len(config.demo.seeds):
+        raise LightReasonerError(f"demo: demo.seeds has repeats: {list(config.demo.seeds)}")
+
+
+def pair_fingerprint(pair) -> str:
+    """The toy pair's recipe hash and a hash of both models' weights: a pair rebuilt by the
+    same recipe on another torch or CPU may have other weights."""
+    import hashlib
+
+    digest = hashlib.sha256(pair.spec_hash.encode())
+    for directory in (pair.expert_path, pair.amateur_path):
+        for path in sorted(Path(directory).glob("*.safetensors")):
+            digest.update(path.read_bytes())
+    return f"{pair.spec_hash}-{digest.hexdigest()[:16]}"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -220,7 +252,13 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
         tree.pop(key, None)
     tree["demo"].pop("seeds", None)
     settings = {"toy_pair": pair_hash, **_flatten(tree)}
-    path = Path(config.output_dir) / SETTINGS_FILE
+    directory = Path(config.output_dir)
+    path = directory / SETTINGS_FILE
+    if not path.is_file() and directory.is_dir() and any(directory.iterdir()):
+        raise LightReasonerError(
+            f"demo: {directory} is not empty and holds no {SETTINGS_FILE} (a run of an older version, or "
+            "something else): pass another output_dir=... or delete that directory"
+        )
     if path.is_file():
         try:
             previous = json.loads(path.read_text())
@@ -245,20 +283,34 @@ def _load_tokenizer(config: Config):
     return load_tokenizer(config.expert, "expert")
 
 
-def hasty_slip_rates(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per evaluated model: among the held-out problems that end in a doubling or tripling,
-    the share answered with the value before it (the slip the toy pair learned, see
-    :func:`lightreasoner_ray.toy.domain.hasty_solution`), from the evaluator's predictions."""
+def hasty_slips(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per evaluated model, from the evaluator's predictions: among the held-out problems that
+    end in a doubling or tripling, the share whose last ``\\boxed{}`` holds the value before it
+    (the slip the toy pair learned, see :func:`lightreasoner_ray.toy.domain.hasty_solution`),
+    and the problems solved among those and among the others."""
     from lightreasoner_ray.evaluation import eval_dir, predictions_path, read_jsonl_rows
+    from lightreasoner_ray.toy import boxed_answer, hasty_answer
     from lightreasoner_ray.toy.pair import hasty_answer_rate
 
-    rates: dict[str, float | None] = {}
+    ending_in_scaling = {str(row["id"]) for row in test_rows if hasty_answer(row) is not None}
+    slips: dict[str, dict[str, Any]] = {}
     for spec in evaluation.eval.models:
         tag = spec.split("=", 1)[0]
-        extracted = {str(row["id"]): row["extracted"]
-                     for row in read_jsonl_rows(predictions_path(join_path(eval_dir(evaluation), tag), "toy"))}
-        rates[tag] = hasty_answer_rate([extracted.get(str(row["id"])) for row in test_rows], test_rows)
-    return rates
+        predictions = {str(row["id"]): row
+                       for row in read_jsonl_rows(predictions_path(join_path(eval_dir(evaluation), tag), "toy"))}
+        missing = [str(row["id"]) for row in test_rows if str(row["id"]) not in predictions]
+        if missing:
+            raise LightReasonerError(f"demo: no prediction of {tag!r} for held-out problems {missing[:5]}")
+        answers = [boxed_answer(predictions[str(row["id"])]["output"]) for row in test_rows]
+        solved = {str(row["id"]): bool(predictions[str(row["id"])]["correct"]) for row in test_rows}
+        slips[tag] = {
+            "rate": hasty_answer_rate(answers, test_rows),
+            "ending_in_scaling": {"problems": len(ending_in_scaling),
+                                  "correct": sum(solved[i] for i in ending_in_scaling)},
+            "others": {"problems": len(solved) - len(ending_in_scaling),
+                       "correct": sum(ok for i, ok in solved.items() if i not in ending_in_scaling)},
+        }
+    return slips
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -272,12 +324,13 @@ def _accuracy(results: dict[str, Any], tag: str) -> float:
 
 def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
                 sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int,
-                slips: dict[str, float | None] | None = None) -> dict[str, Any]:
+                slips: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     problems = len(sampled)
     slips = slips or {}
     rows = [
         {"model": name, "accuracy_mean": _accuracy(results, name), "accuracy_std": 0.0, "accuracies": [],
-         "hasty_slip_rate": slips.get(name), "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None}
+         "hasty_slip_rate": slips.get(name, {}).get("rate"), "slips": [slips[name]] if name in slips else [],
+         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None, "wall_time_resumed": False}
         for name in ("amateur", "expert")
     ]
     for name in VARIANTS:
@@ -287,12 +340,15 @@ def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dic
         rows.append({
             "model": name,
             "accuracy_mean": statistics.fmean(accuracies),
-            "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+            # Sample standard deviation over seeds.
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "accuracies": accuracies,
-            "hasty_slip_rate": _mean_or_none([slips.get(f"{name}-seed{run['seed']}") for run in runs]),
+            "hasty_slip_rate": _mean_or_none([slips.get(f"{name}-seed{run['seed']}", {}).get("rate") for run in runs]),
+            "slips": [slips[f"{name}-seed{run['seed']}"] for run in runs if f"{name}-seed{run['seed']}" in slips],
             "problems_used": problems,
             "tuned_tokens": runs[0]["tuned_tokens"],
             "wall_time_s": sampling_time + statistics.fmean(run["train_time_s"] for run in runs),
+            "wall_time_resumed": any(run["resumed"] for run in runs),
         })
     completion_tokens = sum(len(row["completion_ids"]) for row in sampled)
     return {
@@ -324,20 +380,29 @@ def demo_markdown(report: dict[str, Any]) -> str:
 
     table = markdown_table(
         [[TITLES[row["model"]], accuracy(row), slip(row), row["problems_used"] or "–", row["tuned_tokens"] or "–",
-          "–" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f} s"] for row in report["rows"]],
+          _wall_time(row)] for row in report["rows"]],
         ["model", "held-out accuracy (%)", "hasty slips (%)", "problems used", "tuned tokens", "wall time"],
     )
     seeds = report["seeds"]
+    resumed = any(row.get("wall_time_resumed") for row in report["rows"])
     return (
         f"# LightReasoner demo (toy arithmetic, CPU)\n\n{table}\n"
         f"Held-out: {report['held_out_problems']} toy test problems, greedy. Training problems: "
         f"{report['train_problems']} (the expert's own completions: {report['expert_completion_tokens']} tokens; "
         f"LightReasoner keeps the {report['lightreasoner_steps']} with KL > β = {report['beta']}). "
-        f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else "") + ". "
+        f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample std)" if len(seeds) > 1 else "") + ". "
         "Wall time of a trained variant = its sampling (none for SFT) + training. Hasty slips: of the "
         "held-out problems that end in a doubling or tripling, the share answered with the value before it "
         "(the weakness the toy pair was given, milder in the expert than in the amateur).\n"
+        + ("Wall times marked resumed include stages resumed from an earlier run: not what they cost.\n"
+           if resumed else "")
     )
+
+
+def _wall_time(row: dict[str, Any]) -> str:
+    if row["wall_time_s"] is None:
+        return "–"
+    return f"{row['wall_time_s']:.0f} s" + (" (resumed)" if row.get("wall_time_resumed") else "")
 
 
 def demo_chart_png(report: dict[str, Any]) -> bytes:

@@ -55,3 +55,24 @@ def test_sft_one_hot_kl_is_cross_entropy():
              for t, p in zip(ids, probs))
     cross_entropy = torch.nn.functional.cross_entropy(logits, torch.tensor([7, 8, 9]), reduction="sum")
     assert float(kl) == pytest.approx(float(cross_entropy), rel=1e-6)
+
+
+def test_select_by_beta_on_a_beta_zero_run_equals_a_sampler_run_with_that_beta(tiny_pair):
+    """The demo samples once with beta = 0 and filters: the same rows as the real sampler at beta."""
+    from lightreasoner_ray.config import ModelConfig
+    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.sampler import ContrastiveSampler
+
+    sampler = ContrastiveSampler(ModelConfig(str(tiny_pair["expert"])), ModelConfig(str(tiny_pair["amateur"])),
+                                 alpha=0.2, beta=0.0, max_new_tokens=16)
+    prompts = [prompt_ids(sampler.tokenizer, q, "Please reason step by step.")
+               for q in ("Tom has 3 apples and buys 4 more.", "What is 12 times 7?", "Ann has 9 pens and loses 2.")]
+    everything = sampler.sample(["a", "b", "c"], prompts)
+    kls = sorted(k for row in everything for k in row["position_kl"])
+    beta = sampler.beta = (kls[len(kls) // 2 - 1] + kls[len(kls) // 2]) / 2  # the median: selection splits
+    direct = sampler.sample(["a", "b", "c"], prompts)
+    filtered = select_by_beta(everything, beta)
+    assert 0 < tuned_tokens(filtered) < sum(len(row["completion_ids"]) for row in everything)
+    for got, want in zip(filtered, direct):
+        assert got["steps"] == want["steps"] and got["target_ids"] == want["target_ids"]
+        assert got["target_probs"] == want["target_probs"] and got["kl"] == want["kl"]

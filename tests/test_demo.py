@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -42,7 +43,8 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local):
     assert ending_in_scaling  # 2 of these 10 problems
     for tag, name in (("amateur", "amateur"), ("expert", "expert"), ("lightreasoner-seed0", "lightreasoner")):
         predictions = [json.loads(line) for line in (output_dir / "eval" / tag / "toy.jsonl").read_text().splitlines()]
-        slips = [p["extracted"] == ending_in_scaling[p["id"]] for p in predictions if p["id"] in ending_in_scaling]
+        slips = [re.findall(r"\\boxed\{(\d+)\}", p["output"])[-1:] == [ending_in_scaling[p["id"]]]
+                 for p in predictions if p["id"] in ending_in_scaling]
         assert rows[name]["hasty_slip_rate"] == sum(slips) / len(slips)
     on_disk = json.loads((output_dir / "demo_results.json").read_text())
     assert [row["model"] for row in on_disk["rows"]] == list(rows)
