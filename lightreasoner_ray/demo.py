@@ -89,10 +89,7 @@ def quick_pair_spec():
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    storage.write_bytes_atomic(str(path), "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
 
 
 def _write_samples(rows: list[dict[str, Any]], directory: str) -> None:
@@ -113,12 +110,12 @@ def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
 
 def run_demo(config: Config) -> dict[str, Any]:
     from lightreasoner_ray.evaluation import run_evaluation
+    from lightreasoner_ray.models import load_tokenizer
+    from lightreasoner_ray.ray_session import init_ray
     from lightreasoner_ray.sampling import run_sampling
     from lightreasoner_ray.toy import generate_problems
     from lightreasoner_ray.toy.pair import build_toy_pair
     from lightreasoner_ray.training import run_training
-
-    from lightreasoner_ray.ray_session import init_ray
 
     check_demo_config(config)
     demo = config.demo
@@ -160,7 +157,7 @@ def run_demo(config: Config) -> dict[str, Any]:
             f"{config.sampling.beta}; lower sampling.beta (the KL quantiles are in "
             f"{join_path(all_steps.output_dir, 'samples_summary.json')})"
         )
-    tokenizer = _load_tokenizer(base)
+    tokenizer = load_tokenizer(base.expert, "expert")
     by_id = {row["id"]: row for row in train_rows}
     sft = sft_rows(
         [row["problem_id"] for row in sampled],
@@ -275,12 +272,6 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_json_atomic(str(path), settings)
-
-
-def _load_tokenizer(config: Config):
-    from lightreasoner_ray.models import load_tokenizer
-
-    return load_tokenizer(config.expert, "expert")
 
 
 def hasty_slips(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

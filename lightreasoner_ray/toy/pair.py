@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -222,14 +221,6 @@ def _collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[to
 # --------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def shared_prefix_length(examples: Sequence[tuple[list[int], int]]) -> int:
     """Length of the token prefix every example's prompt starts with (at most a prompt's length - 1).
 
@@ -314,6 +305,8 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
+    from lightreasoner_ray.training import lr_multiplier
+
     if len(examples) < recipe.batch_size:
         raise LightReasonerError(f"toy pair: {len(examples)} examples for a batch of {recipe.batch_size}")
     generator = torch.Generator().manual_seed(seed)
@@ -324,8 +317,9 @@ def train_model(
         lr=recipe.lr,
         betas=(0.9, 0.98),
     )
+    # Linear warm-up, then cosine decay to 10% of the peak.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, recipe.warmup_steps, recipe.steps)
+        optimizer, lambda step: lr_multiplier(step, recipe.warmup_steps, recipe.steps, "cosine", floor=0.1)
     )
     lengths = [len(ids) for ids, _ in examples]
     prefix = shared_prefix_length(examples)
