@@ -222,3 +222,24 @@ def test_hasty_solution_stops_exactly_before_a_final_doubling_or_tripling(train_
         gold_lines = row["solution"].split("\n")
         assert hasty.split("\n")[:-1] == gold_lines[:-2]
     assert 0.05 < hasty_rows / len(train_rows) < 0.3
+
+
+def _bucket(question: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") % 1000
+
+
+def test_validation_split_is_disjoint_from_train_and_test(train_rows, test_rows):
+    validation = generate_problems(600, seed=7, split="validation", levels=ALL_LEVELS)
+    assert validation[0]["id"] == "toy-validation-000000"
+    questions = {row["question"] for row in validation}
+    assert len(questions) == 600
+    assert not questions & {row["question"] for row in train_rows}
+    assert not questions & {row["question"] for row in test_rows}
+    assert not questions & {row["question"] for row in generate_problems(600, seed=8, split="test", levels=ALL_LEVELS)}
+    # The buckets, recomputed here: validation [0, 50), test [50, 100), train the rest (as before
+    # the validation split existed, so the toy pair's training problems did not change).
+    assert all(_bucket(q) < 50 for q in questions)
+    assert all(50 <= _bucket(row["question"]) < 100 for row in test_rows)
+    assert all(_bucket(row["question"]) >= 100 for row in train_rows)

@@ -19,9 +19,12 @@ domain: added/removed amounts are 1..20, multiplications are "G containers of K"
 (G 2..5, K 2..9) or "doubles/triples them", and every intermediate value lies in
 ``0..MAX_VALUE``.
 
-Splits: a problem belongs to the held-out ``test`` split iff a hash of its
-question text falls in a fixed 10% bucket, so train and test are disjoint for any
-seeds, and each call's rows are free of duplicates.
+Splits: a hash of a problem's question text puts it in one of three fixed buckets,
+``validation`` (5% of the problem space), ``test`` (another 5%) or ``train`` (the
+rest), so the splits are disjoint for any seeds, and each call's rows are free of
+duplicates. Choices (learning rate, beta, steps) are made on ``validation``; the
+held-out ``test`` split is only reported. (Until the validation split existed,
+``test`` was the whole 10% bucket: ``train`` is unchanged by its introduction.)
 """
 
 from __future__ import annotations
@@ -43,8 +46,12 @@ DEFAULT_LEVELS = (1, 2, 3, 4)
 MAX_VALUE = 99
 """Upper bound for every quantity (start, operand, intermediate and final)."""
 
-SPLITS = ("train", "test")
-_TEST_PER_MILLE = 100  # share of the problem space that is held out for test
+SPLITS = ("train", "validation", "test")
+# Hash buckets (per mille of the problem space): [0, 50) validation, [50, 100) test,
+# the rest train. train keeps exactly the bucket it had before validation was split
+# off the held-out share, so models trained on it (the toy pair) stay valid.
+_VALIDATION_PER_MILLE = 50
+_HELD_OUT_PER_MILLE = 100
 
 # (name, pronoun)
 _PEOPLE = (
@@ -145,7 +152,10 @@ def _make_problem(rng: random.Random, level: int) -> tuple[str, list[Step]]:
 def _split_of(question: str) -> str:
     """The split a question belongs to, fixed by a hash of its text."""
     digest = hashlib.sha256(question.encode("utf-8")).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 1000 < _TEST_PER_MILLE else "train"
+    bucket = int.from_bytes(digest[:8], "big") % 1000
+    if bucket < _VALIDATION_PER_MILLE:
+        return "validation"
+    return "test" if bucket < _HELD_OUT_PER_MILLE else "train"
 
 
 def format_solution(steps: Sequence[Step]) -> str:
