@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
-RELATIVE_TOLERANCE = Fraction(1, 10_000)  # for answers written with decimals
+RELATIVE_TOLERANCE = Fraction(1, 10_000)  # only where the reference is inexact (a rounding)
 EXACT_TOLERANCE = 1e-15  # for exact expressions evaluated to 30 digits
 SYMBOLIC_TIMEOUT = 4.0  # seconds of symbolic work allowed per is_equivalent call
 
@@ -468,15 +468,39 @@ def _ratio(numerator: Fraction, denominator: Fraction) -> Fraction | None:
 
 
 _DECIMAL_LITERAL = re.compile(r"\d\.|\.\d|\d[eE][-+]?\d")
+# A decimal point followed by a non-zero digit: "3.14", "0.3333", "2.50" (not "7.0", "12.00").
+_ROUNDED_LITERAL = re.compile(r"\.\d*[1-9]")
 
 
 def _is_inexact(text: str) -> bool:
-    """Whether the text holds a decimal literal; only such answers get the tolerance.
-
-    Exact answers must match exactly: ``70001`` is not ``70000`` even though they
-    agree to 1e-4.
-    """
+    """Whether the text holds a decimal literal (``0.5``, ``7.0``, ``4.5e33``)."""
     return bool(_DECIMAL_LITERAL.search(text))
+
+
+def _terminates(value: Fraction | None) -> bool:
+    """Whether ``value`` has a finite decimal expansion (None: not a known rational)."""
+    if value is None:
+        return False
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    return denominator == 1
+
+
+def _reference_is_inexact(reference: str, reference_value: Fraction | None, predicted: str) -> bool:
+    """Whether the comparison gets the relative tolerance: only when the reference is inexact.
+
+    The reference is inexact when it is itself a decimal rounding (a decimal literal with
+    a non-zero fractional digit: ``3.14``, ``0.3333``), or when it has no finite decimal
+    expansion (``\\frac{1}{3}``, ``\\sqrt{2}``, ``\\pi``) and the prediction is written as a
+    decimal, which can then only be a rounding of it. An exact reference with a finite
+    expansion (``7``, ``100000``, ``12.0``, ``\\frac{1}{4}``) must be matched exactly:
+    ``7.0001`` is not ``7`` and ``70001`` is not ``70000``.
+    """
+    if _ROUNDED_LITERAL.search(reference):
+        return True
+    return _is_inexact(predicted) and not _terminates(reference_value)
 
 
 def _numbers_close(left: Fraction, right: Fraction, inexact: bool) -> bool:
@@ -833,7 +857,9 @@ def _rational_value(tree: list) -> Fraction | None:
 def is_equivalent(prediction: str, reference: str, *, timeout: float = SYMBOLIC_TIMEOUT) -> bool:
     """Whether ``prediction`` is mathematically the same answer as ``reference``.
 
-    Numbers agree within a relative tolerance of 1e-4; expressions are compared
+    Numbers agree within a relative tolerance of 1e-4 only where the reference is
+    inexact (itself a decimal rounding, or with no finite decimal expansion and
+    answered with a decimal); otherwise exactly. Expressions are compared
     exactly or numerically through sympy in a worker process, spending at most
     ``timeout`` seconds (anything slower is graded not equivalent).
     """
@@ -873,15 +899,16 @@ class _ScalarJudge:
             return predicted.upper() == reference.upper()  # choice letters, whatever the case
         if len(reference) == 1 and reference in _CHOICE_LETTERS:
             return False
-        inexact = _is_inexact(predicted) or _is_inexact(reference)
         predicted_number, reference_number = _plain_number(predicted), _plain_number(reference)
         if predicted_number is not None and reference_number is not None:
+            inexact = _reference_is_inexact(reference, reference_number, predicted)
             return _numbers_equal(predicted_number, reference_number, self.percent, inexact)
         try:
             predicted_tree, reference_tree = parse_expression(predicted), parse_expression(reference)
         except (_ParseError, RecursionError):
             return False
         predicted_value, reference_value = _rational_value(predicted_tree), _rational_value(reference_tree)
+        inexact = _reference_is_inexact(reference, reference_value, predicted)
         if predicted_value is not None and reference_value is not None:
             return _numbers_equal(predicted_value, reference_value, self.percent, inexact)
         remaining = self.deadline - time.monotonic()

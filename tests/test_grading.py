@@ -285,6 +285,49 @@ def test_percent_and_degree_forms_with_tolerance():
     assert not is_equivalent("0.176", "17.5%")
 
 
+@pytest.mark.parametrize(
+    "prediction,reference",
+    [
+        ("100001.0", "100000"),  # within 1e-4, but the reference is an exact integer
+        ("7.0001", "7"),
+        ("7.0001", "7.0"),  # a zero fraction is still an exact integer
+        ("12.0001", "12.00"),
+        ("0.2501", r"\frac{1}{4}"),  # 1/4 = 0.25 exactly: a decimal answer can be exact
+        ("1.0001", "1"),
+        ("100001", "100000"),
+    ],
+)
+def test_no_tolerance_against_an_exact_reference(prediction, reference):
+    assert not is_equivalent(prediction, reference)
+
+
+@pytest.mark.parametrize(
+    "prediction,reference",
+    [
+        ("3.14159", "3.1416"),  # the reference is itself a rounding
+        ("0.33333", "0.3333"),
+        (r"\frac{1}{3}", "0.3333"),
+        ("0.33333", r"\frac{1}{3}"),  # no finite expansion: a decimal answer can only be a rounding
+        ("1.41421", r"\sqrt{2}"),
+        ("3.14159", r"\pi"),
+        ("100000.0", "100000"),  # exact equality needs no tolerance
+        ("0.25", r"\frac{1}{4}"),
+    ],
+)
+def test_tolerance_only_where_the_reference_is_inexact(prediction, reference):
+    assert is_equivalent(prediction, reference)
+
+
+def test_inexactness_is_decided_by_the_reference_alone():
+    assert not grading._reference_is_inexact("7", Fraction(7), "7.0001")
+    assert not grading._reference_is_inexact("12.0", Fraction(12), "12.0001")
+    assert grading._reference_is_inexact("3.14", Fraction(314, 100), "3")
+    assert grading._reference_is_inexact(r"\frac{1}{3}", Fraction(1, 3), "0.333")
+    assert not grading._reference_is_inexact(r"\frac{1}{3}", Fraction(1, 3), r"\frac{2}{6}")  # no decimal: exact
+    assert grading._reference_is_inexact(r"\sqrt{2}", None, "1.414")
+    assert not grading._reference_is_inexact(r"\sqrt{2}", None, "2^{1/2}")
+
+
 # ---- hostile input -------------------------------------------------------------------------
 
 
