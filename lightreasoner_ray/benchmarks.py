@@ -148,7 +148,9 @@ def load_benchmark(
 ) -> list[dict[str, Any]]:
     """Load a benchmark split as rows with ``id``, ``question``, ``answer`` (and ``choices``).
 
-    ``limit`` keeps the first ``limit`` rows, in file order.
+    Each row also carries ``toolkit_question``: the question as the Qwen2.5-Math
+    evaluation toolkit formats it (the ``qwen25-math-cot`` protocol, see
+    :func:`toolkit_question`). ``limit`` keeps the first ``limit`` rows, in file order.
     """
     _check_name(name)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
@@ -169,6 +171,7 @@ def load_benchmark(
         context = _RowContext(source, line_no, raw)
         row = build_row(context)
         row["id"] = _row_id(raw, index)
+        row["toolkit_question"] = toolkit_question(name, context, row["answer"])
         rows.append(row)
     logger.debug("loaded %d rows of %s/%s", len(rows), name, split)
     return rows
@@ -309,6 +312,57 @@ def _mmlu_row(context: _RowContext) -> dict[str, Any]:
     lines = [context.field("question").strip()]
     lines += [f"({letter}) {choice}" for letter, choice in zip(CHOICE_LETTERS, choices)]
     return {"question": "\n".join(lines), "answer": CHOICE_LETTERS[answer_index], "choices": list(choices)}
+
+
+# ---- the Qwen2.5-Math evaluation toolkit's question formatting ---------------------------
+# evaluation/parser.py `parse_question` of QwenLM/Qwen2.5-Math, applied to the same public
+# files; the rules differ from our own `question` on purpose (it is what the paper's
+# numbers were measured with).
+
+
+def _svamp_toolkit_question(context: _RowContext) -> str:
+    body = context.field("Body").strip()
+    if not body.endswith("."):
+        body += "."
+    return f"{body} {context.field('Question').strip()}"
+
+
+def _mmlu_toolkit_question(context: _RowContext) -> str:
+    # On the line after the question; each option stripped, "(A) ..." joined by one space.
+    options = " ".join(
+        f"({letter}) {str(choice).strip()}" for letter, choice in zip(CHOICE_LETTERS, context.field("choices", list))
+    )
+    return f"{context.field('question').strip()}\nAnswer Choices: {options}"
+
+
+_TOOLKIT_QUESTIONS: dict[str, Callable[[_RowContext], str]] = {
+    "gsm8k": lambda context: context.field("question"),
+    "math": lambda context: context.field("problem"),
+    "math500": lambda context: context.field("problem"),
+    "minerva_math": lambda context: context.field("problem"),
+    "svamp": _svamp_toolkit_question,
+    "asdiv": lambda context: f"{context.field('body').strip()} {context.field('question').strip()}",
+    # The toolkit reads `question` alone: an OlympiadBench `context` is not shown.
+    "olympiadbench": lambda context: context.field("question"),
+    "mmlu_stem": _mmlu_toolkit_question,
+    "toy": lambda context: context.field("question"),
+}
+_BOOLEAN_ANSWER_HINTS = {"true": " (True or False)", "false": " (True or False)", "yes": " (Yes or No)", "no": " (Yes or No)"}
+
+
+def toolkit_question(name: str, context: _RowContext, answer: str) -> str:
+    """The question as Qwen2.5-Math's toolkit shows it (``parse_question``).
+
+    Per benchmark: SVAMP's body gets a final "." when it lacks one before the question;
+    MMLU-STEM's choices follow on a new line as ``Answer Choices: (A) ... (B) ...``;
+    ASDiv joins body and question with a space; OlympiadBench shows ``question``
+    only. Every benchmark: a question whose reference answer is yes/no (true/false)
+    ends with " (Yes or No)" (" (True or False)"); the result is stripped.
+    """
+    question = _TOOLKIT_QUESTIONS[name](context)
+    plain_answer = re.sub(r"\\text\{(.*?)\}", r"\1", answer).replace("$", "").strip().rstrip(".").lower()
+    question += _BOOLEAN_ANSWER_HINTS.get(plain_answer, "")
+    return question.strip()
 
 
 _ROW_BUILDERS: dict[str, Callable[[_RowContext], dict[str, Any]]] = {

@@ -172,6 +172,10 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     system_prompt: str = EVAL_SYSTEM_PROMPT
+    # "chat_template": each model's own chat template with system_prompt. "qwen25-math-cot":
+    # the Qwen2.5-Math toolkit's fixed ChatML text and per-benchmark question formatting
+    # (the paper's protocol; its system prompt is fixed, so system_prompt must keep its default).
+    prompt: str = "chat_template"
     # "hf" (Hugging Face generate) or an engine factory import path "package.module:factory".
     engine: str = "hf"
     # CPUs reserved by each grading task (they run alongside the evaluator actors).
@@ -201,6 +205,12 @@ class EvalConfig:
             raise LightReasonerError(f"{key}.benchmarks lists {', '.join(repeated)} more than once")
         if self.engine != "hf" and ":" not in self.engine:
             raise LightReasonerError(f"{key}.engine must be 'hf' or an import path 'package.module:factory', got {self.engine!r}")
+        _check_choice(f"{key}.prompt", self.prompt, ("chat_template", "qwen25-math-cot"))
+        if self.prompt == "qwen25-math-cot" and self.system_prompt != EVAL_SYSTEM_PROMPT:
+            raise LightReasonerError(
+                f"{key}.system_prompt is not used by {key}.prompt=qwen25-math-cot (the toolkit's template fixes "
+                f"the system prompt to {EVAL_SYSTEM_PROMPT!r}); drop the override or use {key}.prompt=chat_template"
+            )
 
 
 @dataclass

@@ -41,7 +41,7 @@ from lightreasoner_ray.engine import (
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.metrics import record_evaluation
 from lightreasoner_ray.grading import extract_answer, is_equivalent
-from lightreasoner_ray.prompts import prompt_ids
+from lightreasoner_ray.prompts import encode_prompt, eval_prompt
 from lightreasoner_ray.reports import paper_order, write_reports
 
 logger = logging.getLogger(__name__)
@@ -154,10 +154,13 @@ def interleave(shards_by_benchmark: dict[str, list[Shard]]) -> list[Shard]:
 class Evaluator:
     """One model on this process's device, turning shards of rows into completions."""
 
-    def __init__(self, engine_factory: EngineFactory, spec: EngineSpec, system_prompt: str) -> None:
+    def __init__(
+        self, engine_factory: EngineFactory, spec: EngineSpec, system_prompt: str, prompt_style: str = "chat_template"
+    ) -> None:
         self.engine_factory = engine_factory
         self.spec = spec
         self.system_prompt = system_prompt
+        self.prompt_style = prompt_style
         self.engine: Any = None
 
     def start(self) -> float:
@@ -166,22 +169,30 @@ class Evaluator:
         self.engine = self.engine_factory(self.spec)
         return time.perf_counter() - started
 
-    def generate(self, rows: list[dict[str, Any]]) -> list[str]:
+    def generate(self, rows: list[dict[str, Any]], benchmark: str = "") -> list[dict[str, str]]:
+        """``{"prompt": the exact prompt text, "output": the completion}`` per row."""
         if self.engine is None:  # a restarted actor
             self.start()
-        prompts = [prompt_ids(self.engine.tokenizer, row["question"], self.system_prompt) for row in rows]
-        outputs = self.engine.generate(prompts)
+        tokenizer = self.engine.tokenizer
+        texts = [eval_prompt(tokenizer, row, benchmark, self.prompt_style, self.system_prompt) for row in rows]
+        outputs = self.engine.generate([encode_prompt(tokenizer, text, self.prompt_style) for text in texts])
         if len(outputs) != len(rows):
             raise LightReasonerError(f"the engine returned {len(outputs)} completions for {len(rows)} prompts")
-        return [str(output) for output in outputs]
+        return [{"prompt": text, "output": str(output)} for text, output in zip(texts, outputs)]
 
 
-def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
-    """Prediction rows: the completion, the extracted answer and whether it matches the reference."""
+def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[Any]) -> list[dict[str, Any]]:
+    """Prediction rows: the prompt, the completion, the extracted answer and whether it matches the reference.
+
+    ``outputs`` holds :meth:`Evaluator.generate`'s ``{"prompt", "output"}`` dicts, or bare completion texts.
+    """
     graded = []
-    for row, output in zip(rows, outputs, strict=True):
+    for row, generated in zip(rows, outputs, strict=True):
+        output = generated["output"] if isinstance(generated, dict) else generated
         prediction = {"id": row["id"], "question": row["question"], "output": output, "extracted": "",
                       "answer": row["answer"], "correct": False}
+        if isinstance(generated, dict):
+            prediction["prompt"] = generated["prompt"]
         try:
             prediction["extracted"] = extract_answer(output, benchmark, row.get("choices"))
             extracted = prediction["extracted"]
@@ -328,7 +339,7 @@ def run_pool(
     grade_task = ray.remote(grade_rows).options(num_cpus=eval_config.grading_cpus)
     _warn_if_unplaceable(ray, eval_config)
     actors: list[Any] = [
-        actor_class.remote(engine_factory, spec, eval_config.system_prompt)
+        actor_class.remote(engine_factory, spec, eval_config.system_prompt, eval_config.prompt)
         for _ in range(min(eval_config.num_actors, len(shards)))
     ]
     queue = deque(shards)
@@ -341,7 +352,7 @@ def run_pool(
     def hand_out(actor_index: int) -> None:
         shard = queue.popleft()
         rows_ref = ray.put(shard.rows)
-        outputs_ref = actors[actor_index].generate.remote(rows_ref)
+        outputs_ref = actors[actor_index].generate.remote(rows_ref, shard.benchmark)
         generating[outputs_ref] = (actor_index, shard)
         grading[grade_task.remote(shard.benchmark, rows_ref, outputs_ref)] = shard
         held[actor_index] += 1
@@ -416,6 +427,7 @@ def generation_settings(model: EvalModel, config: Config, engine_factory: Engine
         "engine": factory_name(engine_factory),
         "max_new_tokens": config.eval.max_new_tokens,
         "system_prompt": config.eval.system_prompt,
+        "prompt": config.eval.prompt,
         "dtype": config.expert.dtype,
     }
 

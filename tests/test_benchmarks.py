@@ -204,8 +204,8 @@ def test_math_reads_the_full_file_when_present(tmp_path):
     )
     rows = load_benchmark("math", data_dir=tmp_path)
     assert rows == [
-        {"question": "1+1?", "answer": "2", "id": "test/algebra/1.json"},
-        {"question": "Half?", "answer": r"\frac12", "id": "1"},
+        {"question": "1+1?", "answer": "2", "id": "test/algebra/1.json", "toolkit_question": "1+1?"},
+        {"question": "Half?", "answer": r"\frac12", "id": "1", "toolkit_question": "Half?"},
     ]
     assert resolve_benchmark_name("math", tmp_path) == "math"
 
@@ -233,7 +233,7 @@ def test_default_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTREASONER_DATA_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
     _write_jsonl(tmp_path / "svamp" / "test.jsonl", [{"Body": "b.", "Question": "q?", "Answer": 2.5, "ID": "x"}])
-    assert load_benchmark("svamp") == [{"question": "b. q?", "answer": "2.5", "id": "x"}]
+    assert load_benchmark("svamp") == [{"question": "b. q?", "answer": "2.5", "id": "x", "toolkit_question": "b. q?"}]
 
     monkeypatch.delenv("LIGHTREASONER_DATA_DIR")
     monkeypatch.chdir(tmp_path)
