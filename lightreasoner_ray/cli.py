@@ -1,11 +1,16 @@
 """The ``lightreasoner`` command line: one subcommand per stage, thin by design.
 
-    lightreasoner sample   --config C [key=value ...]
-    lightreasoner train    --config C [key=value ...]
-    lightreasoner evaluate --config C [key=value ...]
-    lightreasoner run      --config C [key=value ...]
+    lightreasoner sample   --config C [--restart] [key=value ...]
+    lightreasoner train    --config C [--restart] [key=value ...]
+    lightreasoner evaluate --config C [--restart] [key=value ...]
+    lightreasoner run      --config C [--restart] [key=value ...]
     lightreasoner export   --config C [key=value ...]
     lightreasoner demo     [key=value ...]
+    lightreasoner inspect  --config C [key=value ...]          # <output_dir>/samples_report.html
+    lightreasoner compare  --config C [--before A --after B]   # fixed/broken questions, A vs B
+
+Every command is quiet unless ``--verbose``: Ray, DeepSpeed and library output go to
+``<output_dir>/logs/`` (console.py).
 """
 
 from __future__ import annotations
@@ -16,33 +21,34 @@ import sys
 from typing import Callable
 
 from lightreasoner_ray.config import Config, load_config
+from lightreasoner_ray.console import echo
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger("lightreasoner_ray")
 
 
-def _sample(config: Config) -> dict:
+def _sample(config: Config, restart: bool = False) -> dict:
     from lightreasoner_ray.sampling import run_sampling
 
-    summary = run_sampling(config)
+    summary = run_sampling(config, restart=restart)
     counts = summary["counts"]
-    print(
+    echo(
         f"samples: {config.samples_dir} ({counts['problems']} problems, {counts['completion_tokens']} completion "
         f"tokens, {counts['selected_steps']} selected steps, ratio {counts['selection_ratio']:.3f})"
     )
     return summary
 
 
-def _train(config: Config) -> dict:
+def _train(config: Config, restart: bool = False) -> dict:
     from lightreasoner_ray.training import run_training
 
-    return run_training(config)
+    return run_training(config, restart=restart)
 
 
-def _evaluate(config: Config) -> dict:
+def _evaluate(config: Config, restart: bool = False) -> dict:
     from lightreasoner_ray.evaluation import run_evaluation
 
-    return run_evaluation(config)
+    return run_evaluation(config, restart=restart)
 
 
 def _export(config: Config) -> dict:
@@ -51,16 +57,28 @@ def _export(config: Config) -> dict:
     return run_export(config)
 
 
-def _run(config: Config) -> dict:
+def _run(config: Config, restart: bool = False) -> dict:
     from lightreasoner_ray.pipeline import run_pipeline
 
-    return run_pipeline(config)
+    return run_pipeline(config, restart=restart)
 
 
 def _demo(config: Config) -> dict:
     from lightreasoner_ray.demo import run_demo
 
     return run_demo(config)
+
+
+def _inspect(config: Config) -> dict:
+    from lightreasoner_ray.samples_report import run_inspect
+
+    return run_inspect(config)
+
+
+def _compare(config: Config, before: str = "baseline", after: str = "lightreasoner") -> dict:
+    from lightreasoner_ray.compare import run_compare
+
+    return run_compare(config, before, after)
 
 
 STAGES: dict[str, Callable[[Config], dict]] = {
@@ -70,6 +88,13 @@ STAGES: dict[str, Callable[[Config], dict]] = {
     "run": _run,
     "export": _export,
     "demo": _demo,
+    "inspect": _inspect,
+    "compare": _compare,
+}
+HELP = {
+    "demo": "the embedded default, local Ray, CPU",
+    "inspect": "write <output_dir>/samples_report.html: KL, selected steps and soft labels of the samples",
+    "compare": "per-benchmark table and the questions fixed and broken between two evaluated models",
 }
 
 
@@ -77,35 +102,69 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightreasoner", description="LightReasoner as a Ray cluster job.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
-        stage = sub.add_parser(name, help=f"run the {name} stage" if name != "demo" else "the embedded default, local Ray, CPU")
+        stage = sub.add_parser(name, help=HELP.get(name, f"run the {name} stage"))
         stage.add_argument("--config", "-c", default=None, help="YAML config file (configs/*.yaml)")
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.beta=0.5")
         stage.add_argument("--log-level", default="INFO")
+        stage.add_argument("--verbose", "-v", action="store_true",
+                           help="show Ray, DeepSpeed and library output live instead of only in <output_dir>/logs/")
+        if name == "compare":
+            stage.add_argument("--before", default="baseline", help="eval tag (or eval/<tag> directory) before training")
+            stage.add_argument("--after", default="lightreasoner", help="eval tag (or eval/<tag> directory) after training")
+        if name in RESTARTABLE:
+            stage.add_argument(
+                "--restart", action="store_true",
+                help="start over: remove this stage's earlier outputs in output_dir (all stages' for run) instead of "
+                     "resuming them or refusing to resume outputs made from other inputs",
+            )
     return parser
 
 
-def run_command(command: str, config_path: str | None, overrides: list[str]) -> dict:
-    """Load the config and run one stage (the jobs/*.py scripts call this too)."""
+# Stages that resume from output_dir and so can be asked to start over.
+RESTARTABLE = ("sample", "train", "evaluate", "run")
+
+
+def load_command_config(command: str, config_path: str | None, overrides: list[str]) -> Config:
     if command == "demo":
         from lightreasoner_ray.demo import demo_config, demo_defaults
 
-        config = demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
-    else:
-        config = load_config(config_path, overrides)
-    return STAGES[command](config)
+        return demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
+    return load_config(config_path, overrides)
+
+
+def run_stage(command: str, config: Config, restart: bool = False, **options: str) -> dict:
+    if command in RESTARTABLE:
+        return STAGES[command](config, restart=restart)
+    return STAGES[command](config, **options)
+
+
+def run_command(command: str, config_path: str | None, overrides: list[str], restart: bool = False,
+                **options: str) -> dict:
+    """Load the config and run one stage (the jobs/*.py scripts call this too)."""
+    return run_stage(command, load_command_config(command, config_path, overrides), restart, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightreasoner_ray.console import quiet_console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {"before": args.before, "after": args.after} if args.command == "compare" else {}
+    console = None
     try:
-        run_command(args.command, args.config, args.overrides)
+        config = load_command_config(args.command, args.config, args.overrides)
+        with quiet_console(config.output_dir, args.command, verbose=args.verbose, level=args.log_level) as console:
+            run_stage(args.command, config, getattr(args, "restart", False), **options)
     except LightReasonerError as exc:
-        print(f"lightreasoner {args.command}: error: {exc}", file=sys.stderr)
+        where = f" (full log: {console.log_path})" if console is not None else ""
+        print(f"lightreasoner {args.command}: error: {exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lightreasoner {args.command}: interrupted; finished work is kept, re-run to resume", file=sys.stderr)
         return 130
+    except Exception:
+        if console is None:
+            raise
+        return 1  # the traceback is on the console already, and in the log
     return 0
 
 

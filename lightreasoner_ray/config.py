@@ -48,6 +48,9 @@ class DataConfig:
     # Field holding the id; "auto" tries id, idx, unique_id, else a hash of the question.
     id_field: str = "auto"
     limit: Optional[int] = 1000
+    # Problems skipped (after shuffling, before `limit`): round r of `rounds` samples the
+    # slice that starts at offset + (r - 1) * limit.
+    offset: int = 0
     shuffle: bool = True
     seed: int = 0
     skip_invalid: bool = False
@@ -55,6 +58,8 @@ class DataConfig:
     def validate(self, key: str) -> None:
         if self.limit is not None and self.limit <= 0:
             raise LightReasonerError(f"{key}.limit must be a positive integer or null, got {self.limit}")
+        if self.offset < 0:
+            raise LightReasonerError(f"{key}.offset must be >= 0, got {self.offset}")
 
 
 @dataclass
@@ -67,11 +72,14 @@ class SamplingConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     system_prompt: str = SAMPLING_SYSTEM_PROMPT
-    # Completion positions turned into fp32 log-probabilities at once; bounds memory
-    # at a 152k vocabulary (64 x 152k x 4 B x 4 buffers ~ 160 MB).
+    # Completion positions of both models projected to fp32 logits and contrasted at
+    # once; bounds memory at a 152k vocabulary (64 x 152k x 4 B x ~6 buffers ~ 240 MB).
     position_chunk: int = 64
     # Rows per Parquet file written to <output_dir>/samples/.
     rows_per_file: int = 64
+    # Step selection: "paper" keeps KL > beta at every position; "reference" keeps
+    # KL >= beta and never the first completion position, as HKUDS/LightReasoner does.
+    selection: str = "paper"
 
     def validate(self, key: str) -> None:
         if not (0.0 < self.alpha <= 1.0):
@@ -83,6 +91,7 @@ class SamplingConfig:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise LightReasonerError(f"{key}.gpus_per_actor and {key}.cpus_per_actor must be >= 0")
+        _check_choice(f"{key}.selection", self.selection, ("paper", "reference"))
 
 
 @dataclass
@@ -118,9 +127,15 @@ class TrainConfig:
     samples: str = ""
     max_steps: int = 1000
     lr: float = 5e-5
-    # Selected steps per micro-batch (trajectories are packed until this is reached).
+    # Selected steps in one optimizer update across ALL workers, whatever their number
+    # (the reference: 8 a batch x grad-accum 2 = 16). The micro-batches per worker and
+    # update (DeepSpeed's gradient_accumulation_steps) follow from it: see train_data.UpdatePlan.
+    steps_per_update: int = 16
+    # The most selected steps one forward micro-batch trains (a memory cap; a longer
+    # trajectory is split across micro-batches).
     micro_batch_steps: int = 8
-    grad_accum: int = 2
+    # No longer a setting (derived, see steps_per_update); kept only to refuse old configs clearly.
+    grad_accum: Optional[int] = None
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     max_grad_norm: float = 1.0
@@ -141,10 +156,25 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self, key: str) -> None:
-        for name in ("max_steps", "micro_batch_steps", "grad_accum", "num_workers", "checkpoint_every",
+        if self.grad_accum is not None:
+            raise LightReasonerError(
+                f"{key}.grad_accum is no longer a setting: set {key}.steps_per_update, the selected steps of one "
+                f"optimizer update across all workers (the reference's 8 steps a batch x grad-accum 2 is "
+                f"{key}.steps_per_update=16); the micro-batches each worker accumulates per update are derived "
+                f"from it, {key}.num_workers and {key}.micro_batch_steps. Remove {key}.grad_accum (it used to "
+                f"count micro-batches per worker, so an update trained up to micro_batch_steps x grad_accum x "
+                f"num_workers steps)."
+            )
+        for name in ("max_steps", "steps_per_update", "micro_batch_steps", "num_workers", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
+        if self.steps_per_update < self.num_workers:
+            raise LightReasonerError(
+                f"{key}.steps_per_update={self.steps_per_update} is smaller than {key}.num_workers="
+                f"{self.num_workers}: every update splits its steps across the workers, so some would train "
+                "nothing; use fewer workers or more steps per update"
+            )
         if self.lr <= 0:
             raise LightReasonerError(f"{key}.lr must be > 0, got {self.lr}")
         for name in ("warmup_steps", "max_grad_norm", "weight_decay", "gpus_per_worker", "cpus_per_worker"):
@@ -236,10 +266,54 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     # A pair trained for a few steps only (tests of the plumbing; the numbers mean nothing).
     quick: bool = False
+    # The toy split evaluated: "validation" to make choices (lr, beta, steps) on, "test" only to report.
+    eval_split: str = "test"
+    # Rejection-sampling SFT: the expert samples this many solutions a training problem at this
+    # temperature; the distinct ones whose answer is the gold one are its SFT data.
+    rejection_samples: int = 4
+    rejection_temperature: float = 0.7
+    # LightReasoner rounds: round r + 1 samples fresh problems with round r's model (merged).
+    rounds: int = 1
 
     def validate(self, key: str) -> None:
         if self.train_problems <= 0 or self.test_problems <= 0 or not self.seeds:
             raise LightReasonerError(f"{key}.train_problems, {key}.test_problems must be > 0 and {key}.seeds non-empty")
+        _check_choice(f"{key}.eval_split", self.eval_split, ("test", "validation"))
+        if self.rejection_samples <= 0 or self.rejection_temperature <= 0 or self.rounds <= 0:
+            raise LightReasonerError(f"{key}.rejection_samples, {key}.rejection_temperature and {key}.rounds must be > 0")
+
+
+TRACKING_BACKENDS = ("none", "mlflow", "tensorboard", "wandb")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking: one tracked run per stage, nested under ``run``/``demo``."""
+
+    # none | mlflow | tensorboard | wandb, or a list of them.
+    backend: list[str] = field(default_factory=lambda: ["none"])
+    # MLflow tracking URI (default sqlite under output_dir), TensorBoard log directory
+    # (default <output_dir>/tensorboard), or W&B base URL (default: wandb's own).
+    uri: str = ""
+    # MLflow experiment / W&B project.
+    project: str = "lightreasoner"
+    # Name of the outermost run; empty means the command's name (sample, run, demo...).
+    run_name: str = ""
+
+    @property
+    def backends(self) -> list[str]:
+        return [name for name in self.backend if name != "none"]
+
+    def validate(self, key: str) -> None:
+        for name in self.backend:
+            _check_choice(f"{key}.backend", name, TRACKING_BACKENDS)
+        if "none" in self.backend and len(self.backend) > 1:
+            raise LightReasonerError(f"{key}.backend lists none beside {self.backend}; choose none or backends")
+        if not self.project:
+            raise LightReasonerError(f"{key}.project must not be empty")
+        from lightreasoner_ray.tracking import check_backends_installed
+
+        check_backends_installed(self.backends, key)
 
 
 @dataclass
@@ -260,10 +334,21 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs/run"
+    # `run` only: round r + 1 samples with round r's trained expert (merged) against the
+    # same amateur, on the next data.limit problems; see lightreasoner_ray.rounds.
+    rounds: int = 1
 
     def validate(self, key: str = "") -> None:
         _validate_tree(self, key)
+        if self.rounds < 1:
+            raise LightReasonerError(f"rounds must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and self.data.limit is None:
+            raise LightReasonerError(
+                f"rounds={self.rounds} needs data.limit: each round samples the next data.limit problems "
+                "of data.problems (fresh ones), so set data.limit to the problems one round samples"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,12 +5,15 @@
 2. Sampling (Ray Data actors): the expert answers toy train problems; both models
    are contrasted at every position (one run with beta = 0, so every position has a
    soft label; the LightReasoner set is then the positions with KL > sampling.beta).
-3. Training (Ray Train + DeepSpeed) of three variants from the same expert:
-   LightReasoner (KL-selected steps), SFT on the gold solutions of the same problems
-   (the paper's baseline), and the random-step ablation (the same number of steps
-   drawn uniformly, with soft labels built the same way).
-4. Evaluation (Ray actor pool) of the amateur, the expert and the three variants on
-   the held-out toy split; one table, written as demo_results.json/.md/.png.
+3. Training (Ray Train + DeepSpeed) of four variants from the same expert:
+   LightReasoner (KL-selected steps), SFT on the expert's own sampled solutions that
+   reach the gold answer (rejection sampling: the paper's SFT baseline), SFT on the
+   gold solutions of the same problems, and the random-step ablation (the same number
+   of steps drawn uniformly, with soft labels built the same way). With demo.rounds > 1,
+   LightReasoner goes on: round r + 1 samples fresh problems with round r's model, merged.
+4. Evaluation (Ray actor pool) of the amateur, the expert and every trained model on a
+   toy split that no model trained on: ``validation`` to make choices on, ``test`` to
+   report (demo.eval_split); one table, written as demo_results.json/.md/.png.
 """
 
 from __future__ import annotations
@@ -29,19 +32,28 @@ import pyarrow as pa
 from lightreasoner_ray import storage
 from lightreasoner_ray.ablations import random_steps, select_by_beta, sft_rows, tuned_tokens
 from lightreasoner_ray.config import Config, apply_override, build_config, join_path, parse_override
+from lightreasoner_ray.console import echo
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.toy.pair import SYSTEM_PROMPT as TOY_SYSTEM_PROMPT
+from lightreasoner_ray.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("lightreasoner", "sft", "random_steps")
+VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
 TITLES = {
     "amateur": "amateur",
     "expert": "expert",
     "lightreasoner": "expert + LightReasoner",
+    "rejection_sft": "expert + SFT (rejection-sampled)",
     "sft": "expert + SFT (gold solutions)",
     "random_steps": "expert + random-step ablation",
 }
+
+
+def title(name: str) -> str:
+    if name.startswith("lightreasoner_round"):
+        return f"expert + LightReasoner, round {name.removeprefix('lightreasoner_round')}"
+    return TITLES[name]
 
 
 def cache_dir() -> Path:
@@ -57,14 +69,15 @@ def demo_defaults() -> dict[str, Any]:
         "data": {"limit": None, "shuffle": False},
         "sampling": {"beta": 0.4, "alpha": 0.2, "max_new_tokens": 64, "batch_size": 32, "num_actors": 2,
                      "system_prompt": TOY_SYSTEM_PROMPT},
-        "train": {"max_steps": 60, "lr": 2e-4, "micro_batch_steps": 64, "grad_accum": 1, "num_workers": 2,
+        "train": {"max_steps": 60, "lr": 2e-4, "steps_per_update": 128, "micro_batch_steps": 64, "num_workers": 2,
                   "checkpoint_every": 60, "warmup_steps": 5, "lr_schedule": "cosine",
                   "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
                   "deepspeed": {"stage": 2}},
         "eval": {"benchmarks": ["toy"], "max_new_tokens": 64, "batch_size": 64, "shard_size": 50, "num_actors": 2,
                  "system_prompt": TOY_SYSTEM_PROMPT},
-        "demo": {"seeds": [0, 1, 2]},
+        "demo": {"seeds": [0, 1, 2], "rounds": 2, "eval_split": "test", "rejection_samples": 4,
+                 "rejection_temperature": 0.7},
         "output_dir": "outputs/demo",
     }
 
@@ -108,6 +121,7 @@ def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
     return result
 
 
+@tracked_stage("demo")
 def run_demo(config: Config) -> dict[str, Any]:
     from lightreasoner_ray.evaluation import run_evaluation
     from lightreasoner_ray.models import load_tokenizer
@@ -115,7 +129,6 @@ def run_demo(config: Config) -> dict[str, Any]:
     from lightreasoner_ray.sampling import run_sampling
     from lightreasoner_ray.toy import generate_problems
     from lightreasoner_ray.toy.pair import build_toy_pair
-    from lightreasoner_ray.training import run_training
 
     check_demo_config(config)
     demo = config.demo
@@ -129,10 +142,13 @@ def run_demo(config: Config) -> dict[str, Any]:
                   spec=quick_pair_spec() if demo.quick else None)
     claim_output_dir(config, pair_fingerprint(pair))
     data_dir = Path(out) / "data"
-    train_rows = generate_problems(demo.train_problems, seed=1000, split="train")
-    test_rows = generate_problems(demo.test_problems, seed=2000, split="test")
+    # Round r trains on problems [(r - 1) n, r n) of one draw: every round's problems are fresh.
+    train_draw = generate_problems(demo.train_problems * demo.rounds, seed=1000, split="train")
+    train_rows = train_draw[: demo.train_problems]
+    held_out_rows = held_out_problems(demo)
     _write_jsonl(data_dir / "toy_train.jsonl", train_rows)
-    _write_jsonl(data_dir / "toy" / "test.jsonl", test_rows)
+    # The toy benchmark reads <data_dir>/toy/test.jsonl: it holds the split evaluated (demo.eval_split).
+    _write_jsonl(data_dir / "toy" / "test.jsonl", held_out_rows)
 
     base = dataclasses.replace(
         config,
@@ -165,44 +181,149 @@ def run_demo(config: Config) -> dict[str, Any]:
         [tokenizer.encode(by_id[row["problem_id"]]["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
          for row in sampled],
     )
+    rejection = _timed("rejection_sample", timings, rejection_sampled, base, sampled, by_id, tokenizer,
+                       join_path(out, "rejection"))
+    if not rejection["rows"]:
+        raise LightReasonerError(
+            f"demo: none of the expert's {rejection['sampled']} sampled solutions reached the gold answer; raise "
+            f"demo.rejection_samples or lower demo.rejection_temperature ({demo.rejection_temperature})"
+        )
 
-    variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    per_variant = {
+        # name: (rows, sampling time charged to it, problems used, solutions kept, resumed sampling)
+        "lightreasoner": (lightreasoner_rows, timings["sample"], len(sampled), None, sampling_resumed),
+        "rejection_sft": (rejection["rows"], timings["rejection_sample"], len(sampled), rejection["kept"],
+                          rejection["resumed"]),
+        "sft": (sft, 0.0, len(sampled), len(sft), False),
+        "random_steps": (None, timings["sample"], len(sampled), None, sampling_resumed),
+    }
+    round_names = [f"lightreasoner_round{number}" for number in range(2, demo.rounds + 1)]
+    variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("lightreasoner", *round_names,
+                                                                           "rejection_sft", "sft", "random_steps")}
+    for number in range(2, demo.rounds + 1):
+        _write_jsonl(data_dir / f"toy_train_round{number}.jsonl",
+                     train_draw[(number - 1) * demo.train_problems : number * demo.train_problems])
     for seed in demo.seeds:
-        samples_by_variant = {
-            "lightreasoner": lightreasoner_rows,
-            "sft": sft,
-            "random_steps": random_steps(sampled, steps, seed=seed),
-        }
-        for name, rows in samples_by_variant.items():
-            run_dir = join_path(out, f"{name}-seed{seed}")
-            _write_samples(rows, join_path(run_dir, "samples"))
-            variant = dataclasses.replace(
-                base, output_dir=run_dir,
-                train=dataclasses.replace(base.train, seed=seed, samples=join_path(run_dir, "samples")),
-            )
-            logger.info("demo: training %s (seed %d) on %d tuned tokens", name, seed, tuned_tokens(rows))
-            run_timing: dict[str, float] = {}
-            summary = _timed("train", run_timing, run_training, variant)
-            variant_runs[name].append({"seed": seed, "model": summary["model"], "tuned_tokens": tuned_tokens(rows),
-                                       "train_time_s": run_timing["train"], "final_loss": summary["final_loss"],
-                                       # A resumed stage's time is not the time the variant costs.
-                                       "resumed": bool(summary.get("resumed_from_step"))
-                                       or (name != "sft" and sampling_resumed)})
+        for name, (rows, sampling_time, problems, solutions, resumed) in per_variant.items():
+            if rows is None:
+                rows = random_steps(sampled, steps, seed=seed)
+            run = _train_variant(base, join_path(out, f"{name}-seed{seed}"), rows, seed, name)
+            run.update(sampling_time_s=sampling_time, problems=problems, solutions_kept=solutions,
+                       resumed=run["resumed"] or resumed)
+            variant_runs[name].append(run)
+        # Rounds: the previous round's model, merged, samples fresh problems against the same amateur.
+        expert_path, run_dir = str(pair.expert_path), join_path(out, f"lightreasoner-seed{seed}")
+        for number in range(2, demo.rounds + 1):
+            run = _lightreasoner_round(base, number, seed, expert_path, run_dir,
+                                       str(data_dir / f"toy_train_round{number}.jsonl"))
+            variant_runs[f"lightreasoner_round{number}"].append(run)
+            expert_path, run_dir = run["expert"], run["run_dir"]
 
     models = [f"amateur={pair.amateur_path}", f"expert={pair.expert_path}"] + [
-        f"{name}-seed{run['seed']}={run['model']}" for name in VARIANTS for run in variant_runs[name]
+        f"{name}-seed{run['seed']}={run['model']}" for name, runs in variant_runs.items() for run in runs
     ]
     evaluation = dataclasses.replace(base, eval=dataclasses.replace(base.eval, models=models, data_dir=str(data_dir),
                                                                      limit=demo.test_problems))
     results = _timed("evaluate", timings, run_evaluation, evaluation)
     timings["total"] = time.time() - started
 
-    slips = hasty_slips(evaluation, test_rows)
-    report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips)
+    slips = hasty_slips(evaluation, held_out_rows)
+    report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips,
+                         rejection={key: value for key, value in rejection.items() if key != "rows"})
     paths = write_demo_report(out, report)
-    print(demo_markdown(report))
-    print(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
+    echo(demo_markdown(report))
+    echo(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
     return report
+
+
+def held_out_problems(demo) -> list[dict[str, Any]]:
+    """The toy problems the demo evaluates on: ``demo.eval_split`` (validation to choose, test to report).
+    The test draw's seed is not the one the earlier demo's choices were looked at with (2000)."""
+    from lightreasoner_ray.toy import generate_problems
+
+    seed = {"validation": 3000, "test": 4000}[demo.eval_split]
+    return generate_problems(demo.test_problems, seed=seed, split=demo.eval_split)
+
+
+def _train_variant(base: Config, run_dir: str, rows: list[dict[str, Any]], seed: int, name: str,
+                   expert_path: str | None = None) -> dict[str, Any]:
+    from lightreasoner_ray.training import run_training
+
+    _write_samples(rows, join_path(run_dir, "samples"))
+    variant = dataclasses.replace(
+        base, output_dir=run_dir,
+        expert=dataclasses.replace(base.expert, path=expert_path or base.expert.path),
+        train=dataclasses.replace(base.train, seed=seed, samples=join_path(run_dir, "samples")),
+    )
+    logger.info("demo: training %s (seed %d) on %d tuned tokens", name, seed, tuned_tokens(rows))
+    run_timing: dict[str, float] = {}
+    summary = _timed("train", run_timing, run_training, variant)
+    return {"seed": seed, "model": summary["model"], "tuned_tokens": tuned_tokens(rows), "run_dir": run_dir,
+            "train_time_s": run_timing["train"], "final_loss": summary["final_loss"],
+            # A resumed stage's time is not the time the variant costs.
+            "resumed": bool(summary.get("resumed_from_step"))}
+
+
+def _lightreasoner_round(base: Config, number: int, seed: int, expert_path: str, previous_dir: str,
+                         problems: str) -> dict[str, Any]:
+    """Round ``number`` of LightReasoner for one seed: merge the previous round's adapter into
+    its expert, sample ``problems`` with it (KL > sampling.beta) and train from them."""
+    from lightreasoner_ray.config import ExportConfig
+    from lightreasoner_ray.export import run_export
+    from lightreasoner_ray.sampling import run_sampling
+
+    started = time.time()
+    merged = join_path(previous_dir, "merged")
+    if not Path(merged, "config.json").is_file():  # written whole (staged, renamed)
+        run_export(dataclasses.replace(base, output_dir=previous_dir, export=ExportConfig(),
+                                       expert=dataclasses.replace(base.expert, path=expert_path)))
+    run_dir = join_path(base.output_dir, f"lightreasoner-seed{seed}-round{number}")
+    round_config = dataclasses.replace(base, output_dir=run_dir, expert=dataclasses.replace(base.expert, path=merged),
+                                       data=dataclasses.replace(base.data, problems=problems))
+    summary = run_sampling(round_config)
+    sampling_time = time.time() - started
+    rows = storage.read_parquet(round_config.samples_dir).to_pylist()
+    rows.sort(key=lambda row: row["problem_id"])
+    if not tuned_tokens(rows):
+        raise LightReasonerError(f"demo: round {number} (seed {seed}) selected no step with KL > sampling.beta = "
+                                 f"{base.sampling.beta} in {round_config.samples_dir}")
+    run = _train_variant(base, join_path(run_dir, "train"), rows, seed, f"lightreasoner round {number}", merged)
+    run.update(expert=merged, run_dir=join_path(run_dir, "train"), sampling_time_s=sampling_time, problems=len(rows),
+               solutions_kept=None, resumed=run["resumed"] or bool(summary["counts"].get("resumed_problems")))
+    return run
+
+
+def rejection_sampled(base: Config, sampled: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], tokenizer,
+                      directory: str) -> dict[str, Any]:
+    """Rejection-sampling SFT data for the problems LightReasoner sampled: the expert samples
+    demo.rejection_samples solutions each at demo.rejection_temperature; the distinct ones
+    whose answer the grading module finds equal to the gold one are kept. Written to
+    ``directory`` once; a re-run reads them back."""
+    from lightreasoner_ray.rejection_sft import keep_correct, sample_solutions
+
+    demo = base.demo
+    summary_path = join_path(directory, "rejection_summary.json")
+    if storage.exists(summary_path):
+        summary = storage.read_json(summary_path)
+        rows = storage.read_parquet(join_path(directory, "samples")).to_pylist() if summary["kept"] else []
+        return {**summary, "rows": rows, "resumed": True}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base.expert.path, dtype="float32").eval()
+    prompts = [row["prompt_ids"] for row in sampled]
+    samples = sample_solutions(model, tokenizer, prompts, k=demo.rejection_samples,
+                               temperature=demo.rejection_temperature, max_new_tokens=base.sampling.max_new_tokens,
+                               seed=0, batch_size=base.sampling.batch_size)
+    result = keep_correct([row["problem_id"] for row in sampled], prompts, samples,
+                          [by_id[row["problem_id"]]["answer"] for row in sampled],
+                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True), benchmark="toy")
+    summary = {"samples_per_problem": demo.rejection_samples, "temperature": demo.rejection_temperature,
+               "problems": result.problems, "sampled": result.sampled, "correct": result.correct, "kept": result.kept,
+               "problems_with_a_kept_solution": result.problems_with_a_kept_solution}
+    if result.rows:
+        _write_samples(result.rows, join_path(directory, "samples"))
+    storage.write_json_atomic(summary_path, summary)
+    return {**summary, "rows": result.rows, "resumed": False}
 
 
 SETTINGS_FILE = "demo_settings.json"
@@ -315,19 +436,24 @@ def _accuracy(results: dict[str, Any], tag: str) -> float:
 
 def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
                 sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int,
-                slips: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                slips: dict[str, dict[str, Any]] | None = None,
+                rejection: dict[str, Any] | None = None) -> dict[str, Any]:
     problems = len(sampled)
     slips = slips or {}
     rows = [
         {"model": name, "accuracy_mean": _accuracy(results, name), "accuracy_std": 0.0, "accuracies": [],
          "hasty_slip_rate": slips.get(name, {}).get("rate"), "slips": [slips[name]] if name in slips else [],
-         "problems_used": 0, "tuned_tokens": 0, "wall_time_s": None, "wall_time_resumed": False}
+         "problems_used": 0, "solutions_kept": None, "tuned_tokens": 0, "wall_time_s": None,
+         "wall_time_resumed": False}
         for name in ("amateur", "expert")
     ]
-    for name in VARIANTS:
-        runs = variant_runs[name]
+    for name, runs in variant_runs.items():
+        if not runs:
+            continue
         accuracies = [_accuracy(results, f"{name}-seed{run['seed']}") for run in runs]
-        sampling_time = timings["sample"] if name != "sft" else 0.0
+        # Sampling is charged to the variants that need it (none for SFT on gold solutions).
+        default_sampling = timings["sample"] if name != "sft" else 0.0
+        tuned = [run["tuned_tokens"] for run in runs]
         rows.append({
             "model": name,
             "accuracy_mean": statistics.fmean(accuracies),
@@ -336,21 +462,30 @@ def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dic
             "accuracies": accuracies,
             "hasty_slip_rate": _mean_or_none([slips.get(f"{name}-seed{run['seed']}", {}).get("rate") for run in runs]),
             "slips": [slips[f"{name}-seed{run['seed']}"] for run in runs if f"{name}-seed{run['seed']}" in slips],
-            "problems_used": problems,
-            "tuned_tokens": runs[0]["tuned_tokens"],
-            "wall_time_s": sampling_time + statistics.fmean(run["train_time_s"] for run in runs),
+            "problems_used": runs[0].get("problems", problems),
+            "solutions_kept": runs[0].get("solutions_kept"),
+            # The same rows for every seed, except in later rounds (each seed's model samples its own).
+            "tuned_tokens": tuned[0] if len(set(tuned)) == 1 else round(statistics.fmean(tuned)),
+            "tuned_tokens_per_seed": tuned,
+            "wall_time_s": statistics.fmean(run.get("sampling_time_s", default_sampling) + run["train_time_s"]
+                                            for run in runs),
             "wall_time_resumed": any(run["resumed"] for run in runs),
         })
     completion_tokens = sum(len(row["completion_ids"]) for row in sampled)
     return {
         "rows": rows,
         "seeds": list(config.demo.seeds),
+        "eval_split": config.demo.eval_split,
         "held_out_problems": config.demo.test_problems,
         "train_problems": problems,
         "beta": config.sampling.beta,
         "alpha": config.sampling.alpha,
+        "lr": config.train.lr,
+        "max_steps": config.train.max_steps,
+        "rounds": config.demo.rounds,
         "lightreasoner_steps": lightreasoner_steps,
         "expert_completion_tokens": completion_tokens,
+        "rejection_sampling": rejection,
         "toy_pair": {"expert": str(pair.expert_path), "amateur": str(pair.amateur_path),
                      "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy},
         "timings_s": timings,
@@ -369,25 +504,46 @@ def demo_markdown(report: dict[str, Any]) -> str:
         rate = row.get("hasty_slip_rate")
         return "–" if rate is None else f"{100 * rate:.0f}"
 
+    def kept(row: dict[str, Any]) -> str:
+        value = row.get("solutions_kept")
+        return "–" if value is None else str(value)
+
     table = markdown_table(
-        [[TITLES[row["model"]], accuracy(row), slip(row), row["problems_used"] or "–", row["tuned_tokens"] or "–",
-          _wall_time(row)] for row in report["rows"]],
-        ["model", "held-out accuracy (%)", "hasty slips (%)", "problems used", "tuned tokens", "wall time"],
+        [[title(row["model"]), accuracy(row), slip(row), row["problems_used"] or "–", kept(row),
+          row["tuned_tokens"] or "–", _wall_time(row)] for row in report["rows"]],
+        ["model", f"{report.get('eval_split', 'test')} accuracy (%)", "hasty slips (%)", "problems used",
+         "SFT solutions", "tuned tokens", "wall time"],
     )
     seeds = report["seeds"]
     resumed = any(row.get("wall_time_resumed") for row in report["rows"])
-    return (
+    rejection = report.get("rejection_sampling")
+    split = report.get("eval_split", "test")
+    text = (
         f"# LightReasoner demo (toy arithmetic, CPU)\n\n{table}\n"
-        f"Held-out: {report['held_out_problems']} toy test problems, greedy. Training problems: "
-        f"{report['train_problems']} (the expert's own completions: {report['expert_completion_tokens']} tokens; "
-        f"LightReasoner keeps the {report['lightreasoner_steps']} with KL > β = {report['beta']}). "
-        f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample std)" if len(seeds) > 1 else "") + ". "
-        "Wall time of a trained variant = its sampling (none for SFT) + training. Hasty slips: of the "
-        "held-out problems that end in a doubling or tripling, the share answered with the value before it "
-        "(the weakness the toy pair was given, milder in the expert than in the amateur).\n"
-        + ("Wall times marked resumed include stages resumed from an earlier run: not what they cost.\n"
-           if resumed else "")
+        f"Evaluated on {report['held_out_problems']} toy {split} problems, greedy"
+        + (" (the validation split: for choices, not for reporting)" if split == "validation" else
+           " (the held-out test split: reported, never used for a choice)") + ". "
+        f"Training problems: {report['train_problems']} (the expert's own completions: "
+        f"{report['expert_completion_tokens']} tokens; LightReasoner keeps the {report['lightreasoner_steps']} with "
+        f"KL > β = {report['beta']}). Seeds: {', '.join(map(str, seeds))}"
+        + (" (mean ± sample std)" if len(seeds) > 1 else "") + ". "
     )
+    if rejection:
+        text += (f"SFT (rejection-sampled): the expert sampled {rejection['samples_per_problem']} solutions a problem "
+                 f"at temperature {rejection['temperature']} ({rejection['sampled']} in all), {rejection['correct']} "
+                 f"reached the gold answer, {rejection['kept']} distinct ones (covering "
+                 f"{rejection['problems_with_a_kept_solution']} problems) are its SFT data. ")
+    if report.get("rounds", 1) > 1:
+        text += ("LightReasoner round r > 1: round r - 1's model (merged) samples "
+                 f"{report['train_problems']} fresh problems against the same amateur; its row's problems, tuned "
+                 "tokens and wall time (merge + sampling + training) are that round's alone. ")
+    text += ("Wall time of a trained variant = its sampling (none for SFT on gold) + training. SFT solutions: the "
+             "one-hot solutions SFT trains on. Hasty slips: of the problems that end in a doubling or tripling, the "
+             "share answered with the value before it (the weakness the toy pair was given, milder in the expert "
+             "than in the amateur).\n")
+    if resumed:
+        text += "Wall times marked resumed include stages resumed from an earlier run: not what they cost.\n"
+    return text
 
 
 def _wall_time(row: dict[str, Any]) -> str:
@@ -405,7 +561,7 @@ def demo_chart_png(report: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     rows = report["rows"]
-    figure = Figure(figsize=(8.5, 4.4), dpi=120)
+    figure = Figure(figsize=(10.5, 4.6), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     means = [100 * row["accuracy_mean"] for row in rows]
@@ -415,11 +571,12 @@ def demo_chart_png(report: dict[str, Any]) -> bytes:
     for position, row in enumerate(rows):
         if len(row["accuracies"]) > 1:
             axes.plot([position] * len(row["accuracies"]), [100 * a for a in row["accuracies"]], "k.", markersize=4)
-    axes.set_xticks(range(len(rows)), [TITLES[row["model"]].replace(" + ", "\n+ ") for row in rows], fontsize=8)
-    axes.set_ylabel("held-out accuracy (%)")
+    axes.set_xticks(range(len(rows)), [title(row["model"]).replace(" + ", "\n+ ").replace(", ", ",\n") for row in rows],
+                    fontsize=7)
+    axes.set_ylabel(f"{report.get('eval_split', 'test')} accuracy (%)")
     axes.set_ylim(0, 100)
     seeds = report["seeds"]
-    axes.set_title(f"LightReasoner at toy scale: {report['held_out_problems']} held-out problems"
+    axes.set_title(f"LightReasoner at toy scale: {report['held_out_problems']} {report.get('eval_split', 'test')} problems"
                    + (f", {len(seeds)} seeds (mean, std, each seed)" if len(seeds) > 1 else ""), fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()

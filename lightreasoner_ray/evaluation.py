@@ -40,14 +40,19 @@ from lightreasoner_ray.engine import (
 )
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.metrics import record_evaluation
+from lightreasoner_ray.provenance import PROVENANCE_FILE, read_record, remove_path, restart_stage, weights_fingerprint
 from lightreasoner_ray.grading import extract_answer, is_equivalent
 from lightreasoner_ray.prompts import encode_prompt, eval_prompt
 from lightreasoner_ray.reports import paper_order, write_reports
+from lightreasoner_ray.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_FIELDS = ("id", "question", "output", "extracted", "answer", "correct")
 SETTINGS_FILE = "generation.json"
+MODEL_FINGERPRINT = "model_fingerprint"
+# generation.json keys that identify the model rather than how it generates.
+_MODEL_IDENTITY = frozenset({"model_path", MODEL_FINGERPRINT})
 # Shards an actor holds at once: one generating, one waiting, so it never idles.
 SHARDS_PER_ACTOR = 2
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -227,8 +232,11 @@ def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def read_finished_shard(path: str, shard: Shard) -> Optional[list[dict[str, Any]]]:
-    """The graded rows of a shard written by an earlier run, or None when it must be (re)done."""
+def read_finished_shard(path: str, shard: Shard, model_fingerprint: str = "") -> Optional[list[dict[str, Any]]]:
+    """The graded rows of a shard written by an earlier run, or None when it must be (re)done.
+
+    With ``model_fingerprint``, rows recorded for other weights (or for none) are redone.
+    """
     if not storage.exists(path):
         return None
     try:
@@ -239,31 +247,55 @@ def read_finished_shard(path: str, shard: Shard) -> Optional[list[dict[str, Any]
     if [str(row.get("id")) for row in rows] != shard.ids or any(set(PREDICTION_FIELDS) - set(row) for row in rows):
         logger.warning("%s does not hold this shard's rows (limit or shard_size changed?); recomputing it", path)
         return None
+    if model_fingerprint and any(row.get(MODEL_FINGERPRINT) != model_fingerprint for row in rows):
+        logger.warning("%s holds predictions of other weights; recomputing it", path)
+        return None
     return rows
 
 
 def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
-    """Refuse to mix predictions made with different settings in one directory."""
+    """Refuse to mix predictions made with different settings in one directory; start over for new weights.
+
+    ``settings`` holds the evaluated model's ``model_fingerprint`` (of its weights, not
+    its path: see :func:`lightreasoner_ray.provenance.weights_fingerprint`). When that
+    differs from the recorded one (the model at that path was retrained, or the record
+    predates fingerprints) the directory's predictions are discarded and the model is
+    evaluated afresh; a change of any generation setting is refused instead.
+    """
     path = join_path(model_dir, SETTINGS_FILE)
-    if storage.exists(path):
-        previous = storage.read_json(path)
-        changed = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
+    previous = read_record(path)
+    if previous is not None:
+        compared = (set(previous) | set(settings)) - _MODEL_IDENTITY
+        changed = sorted(key for key in compared if previous.get(key) != settings.get(key))
         if changed:
             raise LightReasonerError(
                 f"{model_dir} holds predictions made with other settings ({', '.join(changed)} differ: "
                 f"{ {k: previous.get(k) for k in changed} } then, { {k: settings.get(k) for k in changed} } now); "
-                f"use another output_dir or model tag, or delete {model_dir} to start over"
+                "use another output_dir or model tag, or re-run with `lightreasoner evaluate --restart` "
+                "(`run --restart` for the pipeline) to discard them"
             )
-        return
+        if previous.get(MODEL_FINGERPRINT) == settings.get(MODEL_FINGERPRINT):
+            return
+        logger.warning(
+            "the model at %s is not the one whose predictions are in %s (weights fingerprint %s then, %s now): "
+            "discarding them and evaluating it afresh", settings.get("model_path"), model_dir,
+            previous.get(MODEL_FINGERPRINT, "<none recorded>"), settings.get(MODEL_FINGERPRINT),
+        )
+        remove_path(model_dir)
     storage.write_json_atomic(path, settings)
 
 
 class PredictionStore:
-    """One model's shard files; concatenates a benchmark as soon as all its shards are in."""
+    """One model's shard files; concatenates a benchmark as soon as all its shards are in.
 
-    def __init__(self, model_dir: str, shards: dict[str, list[Shard]]) -> None:
+    Every row records the ``model_fingerprint`` of the weights that produced it;
+    :meth:`resume` keeps only shards whose rows all carry the current one.
+    """
+
+    def __init__(self, model_dir: str, shards: dict[str, list[Shard]], model_fingerprint: str = "") -> None:
         self.model_dir = model_dir
         self.shards = shards
+        self.model_fingerprint = model_fingerprint
         self.rows: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in shards}
 
     def resume(self) -> list[Shard]:
@@ -274,7 +306,7 @@ class PredictionStore:
             if storage.remove_stale_temporaries(directory):
                 logger.info("removed partial files an interrupted run left in %s", directory)
             for shard in shards:
-                rows = read_finished_shard(shard_path(self.model_dir, name, shard.index), shard)
+                rows = read_finished_shard(shard_path(self.model_dir, name, shard.index), shard, self.model_fingerprint)
                 if rows is None:
                     todo.append(shard)
                 else:
@@ -284,6 +316,8 @@ class PredictionStore:
         return todo
 
     def add(self, shard: Shard, rows: list[dict[str, Any]]) -> None:
+        if self.model_fingerprint:
+            rows = [{**row, MODEL_FINGERPRINT: self.model_fingerprint} for row in rows]
         storage.write_bytes_atomic(shard_path(self.model_dir, shard.benchmark, shard.index), _jsonl_bytes(rows))
         self.rows[shard.benchmark][shard.index] = rows
         if len(self.rows[shard.benchmark]) == len(self.shards[shard.benchmark]):
@@ -330,6 +364,8 @@ def run_pool(
     import ray
     from tqdm.auto import tqdm
 
+    from lightreasoner_ray.console import progress_stream
+
     actor_class = ray.remote(Evaluator).options(
         num_cpus=eval_config.cpus_per_actor,
         num_gpus=eval_config.gpus_per_actor,
@@ -362,7 +398,7 @@ def run_pool(
     try:
         # Actors join as the cluster places them: a pool larger than the cluster (or an
         # autoscaler still adding nodes) works with the actors it has, never waits for all.
-        with tqdm(total=len(shards), desc=description, unit="shard") as progress:
+        with tqdm(total=len(shards), desc=description, unit="shard", file=progress_stream()) as progress:
             while generating or grading or (queue and starting):
                 (ready,), _ = ray.wait([*starting, *generating, *grading], num_returns=1)
                 if ready in starting:
@@ -421,9 +457,12 @@ def _warn_if_unplaceable(ray: Any, eval_config: EvalConfig) -> None:
 # ---- the stage ------------------------------------------------------------------------
 
 
-def generation_settings(model: EvalModel, config: Config, engine_factory: EngineFactory) -> dict[str, Any]:
+def generation_settings(model: EvalModel, config: Config, engine_factory: EngineFactory,
+                        model_fingerprint: str = "") -> dict[str, Any]:
+    """What a model's predictions depend on; ``model_path`` is informational, the fingerprint identifies it."""
     return {
         "model_path": model.path,
+        MODEL_FINGERPRINT: model_fingerprint or weights_fingerprint(model.path),
         "engine": factory_name(engine_factory),
         "max_new_tokens": config.eval.max_new_tokens,
         "system_prompt": config.eval.system_prompt,
@@ -441,8 +480,9 @@ def evaluate_model(
     """Generate and grade every shard of ``model`` not already on disk; score all benchmarks."""
     eval_config = config.eval
     model_dir = join_path(eval_dir(config), model.tag)
-    check_generation_settings(model_dir, generation_settings(model, config, engine_factory))
-    store = PredictionStore(model_dir, shards_by_benchmark)
+    fingerprint = weights_fingerprint(model.path)
+    check_generation_settings(model_dir, generation_settings(model, config, engine_factory, fingerprint))
+    store = PredictionStore(model_dir, shards_by_benchmark, fingerprint)
     todo = store.resume()
     total_shards = sum(len(shards) for shards in shards_by_benchmark.values())
     logger.info("model %s (%s): %d of %d shards already done", model.tag, model.path, total_shards - len(todo), total_shards)
@@ -467,8 +507,11 @@ def evaluate_model(
     rows_generated = sum(len(shard.rows) for shard in todo)
     busy_seconds = timing.get("generate_and_grade_s", 0.0)
     scores = {name: score(store.benchmark_rows(name)) for name in paper_order(shards_by_benchmark)}
+    trained = read_record(join_path(model.path, PROVENANCE_FILE)) if not storage.is_uri(model.path) else None
     return {
         "path": model.path,
+        MODEL_FINGERPRINT: fingerprint,
+        "trained_step": (trained or {}).get("step"),
         "benchmarks": scores,
         "average": sum(s["accuracy"] for s in scores.values()) / len(scores),
         "predictions": model_dir,
@@ -482,13 +525,16 @@ def evaluate_model(
     }
 
 
-def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = None) -> dict[str, Any]:
+@tracked_stage("evaluate")
+def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = None, restart: bool = False
+                   ) -> dict[str, Any]:
     """Evaluate every model on every benchmark; write predictions and reports; return the results.
 
     ``engine_factory`` (called with an :class:`EngineSpec` inside each actor) overrides
     ``eval.engine``; it must be importable by, or picklable to, the Ray workers.
     Models load with the expert's ``dtype`` and ``trust_remote_code`` settings.
     All input is checked on the driver before any model loads or Ray starts.
+    ``restart`` discards the earlier predictions of the evaluated models' tags (only theirs).
     """
     started = time.time()
     eval_config = config.eval
@@ -500,6 +546,8 @@ def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = Non
     shards_by_benchmark = {
         name: make_shards(name, rows, eval_config.shard_size) for name, rows in load_benchmarks(eval_config).items()
     }
+    if restart:
+        restart_stage("evaluate", [join_path(eval_dir(config), model.tag) for model in models])
     results: dict[str, Any] = {
         "benchmarks": paper_order(shards_by_benchmark),
         "models": {model.tag: evaluate_model(model, config, shards_by_benchmark, factory) for model in models},

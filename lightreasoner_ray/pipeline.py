@@ -16,8 +16,10 @@ from typing import Any
 
 from lightreasoner_ray import storage
 from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.console import echo
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.reports import accuracy_rows, markdown_table
+from lightreasoner_ray.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +35,28 @@ def pipeline_eval_models(config: Config) -> list[str]:
 
 
 def _training_done(config: Config) -> dict[str, Any] | None:
-    """The summary of a finished training run with the same step budget, if there is one."""
+    """The summary of a finished training run, if the published model is what this config would train.
+
+    That is: it holds update ``train.max_steps`` and its provenance (the samples' content,
+    the expert's weights, the shaping ``train.*`` settings) matches the current inputs.
+    Anything else runs the training stage, which resumes, or refuses with what changed.
+    """
+    from lightreasoner_ray.provenance import PROVENANCE_FILE, TrainingProvenance, read_record
+    from lightreasoner_ray.training import current_training_provenance
+
     path = join_path(config.output_dir, "train_summary.json")
-    if not storage.exists(path) or not storage.exists(join_path(config.output_dir, "model")):
+    model_dir = join_path(config.output_dir, "model")
+    if not storage.exists(path) or not storage.exists(model_dir):
         return None
     summary = storage.read_json(path)
-    return summary if summary.get("steps") == config.train.max_steps else None
+    record = read_record(join_path(model_dir, PROVENANCE_FILE))
+    if summary.get("steps") != config.train.max_steps or record is None or record.get("step") != config.train.max_steps:
+        return None
+    changes = current_training_provenance(config).changes_from(TrainingProvenance.from_dict(record.get("training") or {}))
+    if changes:
+        logger.info("the model in %s came from other inputs (%s): not skipping training", model_dir, "; ".join(changes))
+        return None
+    return summary
 
 
 def check_before_start(config: Config) -> None:
@@ -54,37 +72,54 @@ def check_before_start(config: Config) -> None:
     load_benchmarks(config.eval)  # every benchmark file is there (or on the hub), every row parses
 
 
-def run_pipeline(config: Config) -> dict[str, Any]:
+@tracked_stage("run")
+def run_pipeline(config: Config, restart: bool = False) -> dict[str, Any]:
+    """``restart`` starts every stage over (each removes its own earlier outputs first)."""
+    check_before_start(config)
+    if config.rounds > 1:
+        if restart:
+            raise LightReasonerError(
+                f"--restart with rounds={config.rounds} is not supported: use a new output_dir (or delete "
+                f"{config.output_dir}) to start the rounds over"
+            )
+        from lightreasoner_ray.rounds import run_rounds
+
+        return run_rounds(config)
+    return run_round(config, restart=restart)
+
+
+def run_round(config: Config, eval_models: list[str] | None = None, restart: bool = False) -> dict[str, Any]:
+    """One round's stages in ``config.output_dir``: sample, train, evaluate ``eval_models``
+    (default :func:`pipeline_eval_models`), report. ``restart`` starts each stage over."""
     from lightreasoner_ray.evaluation import run_evaluation
     from lightreasoner_ray.sampling import run_sampling
     from lightreasoner_ray.training import run_training
 
-    check_before_start(config)
     stage_seconds: dict[str, float] = {}
 
     started = time.time()
     logger.info("stage 1/3: sampling")
-    samples = run_sampling(config)
+    samples = run_sampling(config, restart=restart)
     stage_seconds["sample"] = time.time() - started
 
     started = time.time()
-    training = _training_done(config)
+    training = None if restart else _training_done(config)
     if training is None:
         logger.info("stage 2/3: training")
-        training = run_training(config)
+        training = run_training(config, restart=restart)
     else:
         logger.info("stage 2/3: training already finished (%s steps), skipped", training["steps"])
     stage_seconds["train"] = time.time() - started
 
     started = time.time()
     logger.info("stage 3/3: evaluating the baseline and the trained expert")
-    eval_config = dataclasses.replace(config.eval, model="", models=pipeline_eval_models(config))
-    results = run_evaluation(dataclasses.replace(config, eval=eval_config))
+    eval_config = dataclasses.replace(config.eval, model="", models=eval_models or pipeline_eval_models(config))
+    results = run_evaluation(dataclasses.replace(config, eval=eval_config), restart=restart)
     stage_seconds["evaluate"] = time.time() - started
 
     report = efficiency_report(config, samples, training, results, stage_seconds)
     write_report(config.output_dir, report)
-    print(f"report: {join_path(config.output_dir, 'report.md')}")
+    echo(f"report: {join_path(config.output_dir, 'report.md')}")
     return report
 
 

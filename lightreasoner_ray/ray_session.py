@@ -26,4 +26,11 @@ def init_ray(config: RayConfig) -> None:
     if address == "local":
         kwargs["include_dashboard"] = False if os.environ.get("LIGHTREASONER_NO_DASHBOARD") else None
     ray.init(address=address, log_to_driver=True, **kwargs)
+    from lightreasoner_ray.console import active_console
+
+    if active_console() is not None:
+        # Quiet console: Ray Data's per-operator bars would only fill the log file with redraws.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     logger.info("connected to Ray at %s: %s", address, ray.cluster_resources())

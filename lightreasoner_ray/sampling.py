@@ -20,10 +20,11 @@ import numpy as np
 
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.models import check_model_path, check_tokenizers_compatible, load_tokenizer
+from lightreasoner_ray.models import check_model_path, check_tokenizers_compatible, load_tokenizer, pair_vocab_size
 from lightreasoner_ray.problems import load_problems
 from lightreasoner_ray.prompts import prompt_ids
 from lightreasoner_ray import storage
+from lightreasoner_ray.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,31 @@ def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, An
 
 
 SETTINGS_FILE = "sampling_settings.json"
+# Informational in the settings record: the weights' fingerprints identify the models.
+_MODEL_PATHS = ("expert", "amateur")
 
 
 def sampling_settings(config: Config) -> dict[str, Any]:
-    """What the rows in a samples directory depend on: resuming must not mix two of these."""
+    """What the rows in a samples directory depend on: resuming must not mix two of these.
+
+    The models are identified by their weights' fingerprints (the paths are kept for
+    the reader), so a model retrained in place is a change and a moved one is not.
+    """
+    from lightreasoner_ray.provenance import weights_fingerprint
+
     sampling = config.sampling
     return {
         "expert": config.expert.path,
         "amateur": config.amateur.path,
+        "expert_weights": weights_fingerprint(config.expert.path),
+        "amateur_weights": weights_fingerprint(config.amateur.path),
         "alpha": sampling.alpha,
         "beta": sampling.beta,
         "max_new_tokens": sampling.max_new_tokens,
         "system_prompt": sampling.system_prompt,
+        "selection": sampling.selection,
+        # The ids pi_E and pi_A are normalised over; the trainer normalises pi_theta over the same.
+        "vocab_size": pair_vocab_size(config.expert, config.amateur),
     }
 
 
@@ -91,11 +105,12 @@ def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[st
         storage.write_json_atomic(path, settings)
         return
     recorded = storage.read_json(path)
-    changed = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+    changed = [f"{key}: {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if recorded.get(key) != value and key not in _MODEL_PATHS]
     if changed:
         raise LightReasonerError(
             f"{samples_dir} holds samples made with other settings ({'; '.join(changed)}); resuming would mix them. "
-            "Use a new output_dir, or delete the samples directory to start over."
+            "Use a new output_dir, or re-run with `lightreasoner sample --restart` to discard them and start over."
         )
 
 
@@ -106,8 +121,12 @@ def finished_problem_ids(samples_dir: str) -> set[str]:
     return done
 
 
-def run_sampling(config: Config) -> dict[str, Any]:
-    """Sample every problem not yet in ``<output_dir>/samples``; return the summary."""
+@tracked_stage("sample")
+def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
+    """Sample every problem not yet in ``<output_dir>/samples``; return the summary.
+
+    ``restart`` first removes the samples, their settings record and summary.
+    """
     import ray
 
     from lightreasoner_ray.ray_session import init_ray
@@ -116,6 +135,11 @@ def run_sampling(config: Config) -> dict[str, Any]:
     started = time.time()
     problems, info = prepare_problems(config)
     samples_dir = config.samples_dir
+    if restart:
+        from lightreasoner_ray.provenance import restart_stage
+
+        restart_stage("sample", [samples_dir, join_path(config.output_dir, SETTINGS_FILE),
+                                 join_path(config.output_dir, "samples_summary.json")])
     storage.make_dirs(samples_dir)
     removed = storage.remove_stale_temporaries(samples_dir)
     if removed:
@@ -139,6 +163,7 @@ def run_sampling(config: Config) -> dict[str, Any]:
                 beta=sampling.beta,
                 max_new_tokens=sampling.max_new_tokens,
                 position_chunk=sampling.position_chunk,
+                selection=sampling.selection,
             ),
             batch_size=sampling.batch_size,
             batch_format="pyarrow",
@@ -148,8 +173,10 @@ def run_sampling(config: Config) -> dict[str, Any]:
         )
         from tqdm.auto import tqdm
 
+        from lightreasoner_ray.console import progress_stream
+
         kill_after = int(os.environ.get(TEST_KILL_ENV, "0"))
-        with tqdm(total=len(todo), desc="sampling problems", unit="problem") as progress:
+        with tqdm(total=len(todo), desc="sampling problems", unit="problem", file=progress_stream()) as progress:
             for files, batch in enumerate(dataset.iter_batches(batch_size=sampling.rows_per_file, batch_format="pyarrow"), 1):
                 storage.write_parquet_atomic(batch, samples_dir, f"part-{uuid.uuid4().hex}.parquet")
                 if files == kill_after:  # tests: die like a killed job, mid-run, at a known point

@@ -5,15 +5,18 @@ reference-format JSONL it imports), checks them against the expert's vocabulary 
 context before any worker starts, hands them to Ray Data, runs the trainer, copies
 the final model to ``<output_dir>/model`` and writes ``train_summary.json``.
 
-Workers (``train_worker``): read their shard of trajectories, build the expert
-(LoRA via peft by default; under ZeRO-3 inside ``deepspeed.zero.Init`` so no worker
-holds it whole), resume from the latest Ray Train checkpoint if there is one, and
-run updates of ``grad_accum`` micro-batches each. Every rank runs the same number
-of forward/backward calls per update (a rank without data runs a weightless
-placeholder), which ZeRO-3's collective parameter gathering requires. Checkpoints
-(DeepSpeed state + step counter) go through ``ray.train.report`` every
+Workers (``train_worker``): every rank reads all trajectories and computes the same
+``UpdatePlan`` (train_data.py): one global seeded order of selected steps, cut into
+updates of exactly ``train.steps_per_update`` steps across all ranks, each rank's share
+packed into micro-batches. They build the expert (LoRA via peft by default; under
+ZeRO-3 inside ``deepspeed.zero.Init`` so no worker holds it whole), resume from the
+latest Ray Train checkpoint if there is one, and run the updates. Every rank runs the
+same number of forward/backward calls per update (a short share is padded with
+weightless placeholders), which ZeRO-3's collective parameter gathering requires.
+Checkpoints (DeepSpeed state + step counter) go through ``ray.train.report`` every
 ``train.checkpoint_every`` updates and at the end; a re-run or a restarted worker
-group resumes from the latest, skipping exactly the micro-batches already trained.
+group resumes from the latest: the plan of update k depends on k alone, so exactly
+the updates already trained are skipped.
 """
 
 from __future__ import annotations
@@ -39,15 +42,26 @@ from lightreasoner_ray.config import Config, TrainConfig, join_path
 from lightreasoner_ray.deepspeed_config import check_supported, deepspeed_config, use_bf16
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.metrics import record_train_step
+from lightreasoner_ray.tracking import tracked_stage
+from lightreasoner_ray.provenance import (
+    PROVENANCE_FILE,
+    TrainingProvenance,
+    read_record,
+    refusal,
+    restart_stage,
+    samples_fingerprint,
+    shaping_train_settings,
+    weights_fingerprint,
+)
 from lightreasoner_ray.train_data import (
     TRAIN_COLUMNS,
     MicroBatch,
     SamplesInfo,
     Trajectory,
     check_samples,
+    UpdatePlan,
     collate,
     import_reference_jsonl,
-    micro_batch_stream,
     placeholder_micro_batch,
     trajectories_from_table,
 )
@@ -69,8 +83,15 @@ REPORT_POLL_INTERVAL_S = 0.1
 # ------------------------------------------------------------------------- driver
 
 
-def run_training(config: Config) -> dict[str, Any]:
-    """Train the expert on the contrastive samples; return (and write) the summary."""
+@tracked_stage("train")
+def run_training(config: Config, restart: bool = False) -> dict[str, Any]:
+    """Train the expert on the contrastive samples; return (and write) the summary.
+
+    A re-run resumes from the latest checkpoint when it trains the same samples and
+    expert with the same shaping ``train.*`` settings (see
+    :data:`lightreasoner_ray.provenance.RESUMABLE_TRAIN_KEYS`), and is refused otherwise;
+    ``restart`` discards this stage's earlier outputs and trains from scratch instead.
+    """
     started = time.time()
     train = config.train
     check_supported(train, config.expert.dtype)
@@ -80,6 +101,8 @@ def run_training(config: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.expert, "expert")
     vocab_size, context = model_vocab_and_context(config)
     check_lora_targets(config)
+    if restart:
+        restart_stage("train", training_outputs(config))
     files = find_samples(config, tokenizer, vocab_size)
     info = check_samples(files, vocab_size, context)
     if info.selected_steps == 0:
@@ -90,6 +113,9 @@ def run_training(config: Config) -> dict[str, Any]:
     logger.info(
         "training on %d trajectories, %d selected steps (%d files)", info.trajectories, info.selected_steps, len(files)
     )
+
+    provenance = training_provenance(config, files)
+    claim_checkpoints(config, provenance)
 
     from lightreasoner_ray.ray_session import init_ray
 
@@ -105,13 +131,22 @@ def run_training(config: Config) -> dict[str, Any]:
         )
         raise LightReasonerError(
             f"the loss or the gradient norm became non-finite at update {outcome['nonfinite_step']}; training "
-            f"stopped there. {kept}; lower train.lr or check the samples, then re-run to resume from it."
+            f"stopped there. {kept}; lower train.lr (the config's lr and schedule apply from the first update "
+            "after a resume) then re-run to resume from it; or check the samples (changed samples train from scratch: re-run with --restart)."
         )
     if result.checkpoint is None:
         raise LightReasonerError(f"training finished without a checkpoint under {checkpoints}")
     model_dir = join_path(config.output_dir, "model")
+    model_record = {
+        "training": provenance.to_dict(),
+        "step": outcome["step"],
+        "optimizer": {key: getattr(train, key) for key in ("lr", "lr_schedule", "warmup_steps", "weight_decay",
+                                                          "max_grad_norm")},
+        "max_steps": train.max_steps,
+    }
     with result.checkpoint.as_directory() as directory:
-        publish_directory(str(Path(directory, MODEL_SUBDIR)), model_dir)
+        publish_directory(str(Path(directory, MODEL_SUBDIR)), model_dir,
+                          extra_files={PROVENANCE_FILE: json.dumps(model_record, indent=2).encode("utf-8")})
     summary = {
         "steps": outcome["step"],
         "max_steps": train.max_steps,
@@ -133,6 +168,7 @@ def run_training(config: Config) -> dict[str, Any]:
         "samples": {"source": _samples_source(config), **info.to_dict()},
         "train_config": config.to_dict()["train"],
         "expert": config.expert.path,
+        "provenance": provenance.to_dict(),
     }
     storage.write_json_atomic(join_path(config.output_dir, "train_summary.json"), summary)
     logger.info(
@@ -145,6 +181,52 @@ def run_training(config: Config) -> dict[str, Any]:
 
 def checkpoints_dir(config: Config) -> str:
     return join_path(config.output_dir, "checkpoints")
+
+
+def training_outputs(config: Config) -> list[str]:
+    """What the training stage writes into ``output_dir`` (``--restart`` removes these)."""
+    return [checkpoints_dir(config), join_path(config.output_dir, "model"),
+            join_path(config.output_dir, "train_summary.json"), join_path(config.output_dir, "train_metrics.jsonl")]
+
+
+def training_provenance(config: Config, files: list[str]) -> TrainingProvenance:
+    """What a run on these samples files with this config is made from."""
+    return TrainingProvenance(samples=samples_fingerprint(files), expert=weights_fingerprint(config.expert.path),
+                              settings=shaping_train_settings(config), samples_source=_samples_source(config))
+
+
+def current_training_provenance(config: Config) -> TrainingProvenance:
+    """:func:`training_provenance` of the samples the config points at, found as ``run_training`` finds them."""
+    from lightreasoner_ray.models import load_tokenizer
+
+    vocab_size, _ = model_vocab_and_context(config)
+    return training_provenance(config, find_samples(config, load_tokenizer(config.expert, "expert"), vocab_size))
+
+
+def claim_checkpoints(config: Config, provenance: TrainingProvenance) -> None:
+    """Record what the checkpoints come from, or refuse to resume checkpoints made from other inputs."""
+    directory = checkpoints_dir(config)
+    record_path = join_path(directory, PROVENANCE_FILE)
+    recorded = read_record(record_path)
+    if recorded is not None:
+        changes = provenance.changes_from(TrainingProvenance.from_dict(recorded))
+        if changes:
+            raise refusal(f"the checkpoints in {directory}", changes, config.output_dir, "train")
+        return
+    if _has_checkpoints(directory):
+        raise LightReasonerError(
+            f"the checkpoints in {directory} have no {PROVENANCE_FILE} (made by an older version?), so nothing "
+            "says which samples and settings they came from. To proceed, use a new output_dir, or re-run with "
+            f"`lightreasoner train --restart` to discard them and start over in {config.output_dir}."
+        )
+    storage.write_json_atomic(record_path, provenance.to_dict())
+
+
+def _has_checkpoints(directory: str) -> bool:
+    if storage.is_uri(directory):
+        return storage.exists(join_path(directory, RUN_NAME))
+    run = Path(directory, RUN_NAME)
+    return run.is_dir() and any(run.iterdir())
 
 
 def model_vocab_and_context(config: Config) -> tuple[int, int]:
@@ -210,6 +292,29 @@ def find_samples(config: Config, tokenizer: Any, vocab_size: int) -> list[str]:
     return files
 
 
+def logit_vocab_size(config: Config) -> int:
+    """The ids pi_theta is normalised over: those the samples' pi_E was normalised over.
+
+    The sampler records them in ``sampling_settings.json`` beside its samples directory;
+    without that record (a reference JSONL, an older run) they are derived as the sampler
+    derives them, from the tokenizer and the expert's head.
+    """
+    from lightreasoner_ray.models import head_rows, load_tokenizer
+    from lightreasoner_ray.sampling import SETTINGS_FILE
+
+    source = _samples_source(config).rstrip("/")
+    directory = source.rsplit("/", 1)[0] if source.endswith(".parquet") else source
+    record = join_path(directory.rsplit("/", 1)[0] if "/" in directory else ".", SETTINGS_FILE)
+    derived = min(len(load_tokenizer(config.expert, "expert")), head_rows(config.expert))
+    if storage.exists(record):
+        recorded = storage.read_json(record).get("vocab_size")
+        if isinstance(recorded, int) and 0 < recorded <= head_rows(config.expert):
+            if recorded != derived:
+                logger.info("normalising over the %d ids the samples were drawn over (%s)", recorded, record)
+            return recorded
+    return derived
+
+
 def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> Any:
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -220,9 +325,7 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
     # no read task has to be scheduled, so a head node with no CPUs for tasks (as in
     # cluster.yaml) cannot stall it, and local files need not be on every node.
     tables = [storage.read_parquet(path, columns=TRAIN_COLUMNS) for path in files]
-    # Several blocks, so that every worker gets a share.
-    blocks = max(train.num_workers, min(info.rows, 16 * train.num_workers))
-    dataset = ray.data.from_arrow(tables).repartition(blocks).materialize()
+    dataset = ray.data.from_arrow(tables).materialize()
     on_gpu = train.gpus_per_worker > 0
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if on_gpu else {})}
     storage_path = checkpoints_dir(config)
@@ -230,7 +333,8 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
         storage_path = str(Path(storage_path).resolve())
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "pad_id": pad_id, "fault": os.environ.get(FAULT_ENV, "")},
+        train_loop_config={"config": config, "pad_id": pad_id, "fault": os.environ.get(FAULT_ENV, ""),
+                           "vocab_size": logit_vocab_size(config)},
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=on_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -240,7 +344,8 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
         datasets={"train": dataset},
-        dataset_config=_OrderedShards(),
+        # Not split: every rank reads every trajectory and takes its share of each update (UpdatePlan).
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     from ray.train import TrainingFailedError
 
@@ -293,47 +398,31 @@ def _checkpoint_step(checkpoint: Any) -> int:
         return int(json.loads(Path(directory, TRAIN_STATE_FILE).read_text())["step"])
 
 
-def publish_directory(source: str, destination: str) -> None:
-    """Copy a local directory to ``destination`` (local or URI), replacing it whole."""
+def publish_directory(source: str, destination: str, extra_files: Optional[dict[str, bytes]] = None) -> None:
+    """Copy a local directory to ``destination`` (local or URI), replacing it whole, with ``extra_files`` added."""
     if not Path(source).is_dir():
         raise LightReasonerError(f"the final checkpoint has no model directory at {source}")
+    extra_files = extra_files or {}
     if storage.is_uri(destination):
         from pyarrow import fs
 
         filesystem, inner = fs.FileSystem.from_uri(destination)
         filesystem.create_dir(inner, recursive=True)
         fs.copy_files(source, inner, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+        for name, data in extra_files.items():
+            storage.write_bytes_atomic(join_path(destination, name), data)
         return
     target = Path(destination)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     shutil.copytree(source, staging)
+    for name, data in extra_files.items():
+        Path(staging, name).write_bytes(data)
     retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
     if target.exists():
         os.replace(target, retired)
     os.replace(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-class _OrderedShards(DataConfig):
-    """Split the samples over the workers in a fixed order, keeping every row.
-
-    Ray Train's default split makes shards equal by dropping up to num_workers - 1
-    rows. The training loop copes with uneven shards (every rank runs the same number
-    of micro-batches per update), so here blocks go to the least-filled worker in
-    dataset order: deterministic, which resuming at a data position relies on.
-    """
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        from ray.data import ExecutionOptions
-
-        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            dataset.context.execution_options = ExecutionOptions(preserve_order=True)
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=None)):
-                output[rank][name] = split
-        return output
 
 
 # ------------------------------------------------------------------------- workers
@@ -403,12 +492,13 @@ def _configure_worker_logging() -> None:
         package_logger.addHandler(handler)
 
 
-def _read_shard() -> list[Trajectory]:
+def _read_trajectories() -> list[Trajectory]:
+    """Every trajectory of the samples (the dataset is not split: each rank plans all updates)."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
+    dataset = ray.train.get_dataset_shard("train")
     trajectories: list[Trajectory] = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+    for batch in dataset.iter_batches(batch_size=1024, batch_format="pyarrow"):
         trajectories.extend(trajectories_from_table(batch))
     return trajectories
 
@@ -464,27 +554,10 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> Lo
     return LoadedModel(model, zero3_context, parameters, held)
 
 
-class _MicroBatches:
-    """This worker's endless micro-batch stream, positioned by how many were consumed."""
-
-    def __init__(self, trajectories: list[Trajectory], train: TrainConfig, pad_id: int) -> None:
-        self.pad_id = pad_id
-        self.stream: Optional[Iterator[tuple[int, list[Trajectory]]]] = (
-            micro_batch_stream(trajectories, train.micro_batch_steps, train.seed) if trajectories else None
-        )
-        self.epoch = 0
-
-    def skip(self, count: int) -> None:
-        if self.stream is None:
-            return
-        for _ in range(count):
-            self.epoch, _ = next(self.stream)
-
-    def next(self) -> MicroBatch:
-        if self.stream is None:
-            return placeholder_micro_batch(self.pad_id)
-        self.epoch, trajectories = next(self.stream)
-        return collate(trajectories, self.pad_id)
+def rank_micro_batches(plan: UpdatePlan, update: int, rank: int, pad_id: int) -> list[MicroBatch]:
+    """This rank's collated micro-batches of one update (placeholders where its share ran out)."""
+    return [collate(pieces, pad_id) if pieces else placeholder_micro_batch(pad_id)
+            for pieces in plan.micro_batches(update, rank)]
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -542,11 +615,17 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = default_device()
     bf16 = use_bf16(device.type, config.expert.dtype)
-    ds_config = deepspeed_config(train, bf16, on_gpu=device.type == "cuda")
+    ds_config = deepspeed_config(train, bf16, on_gpu=device.type == "cuda", world_size=world_size)
 
-    trajectories = _read_shard()
-    logger.info("worker %d/%d: %d trajectories, %d selected steps", rank, world_size, len(trajectories),
-                sum(t.num_steps for t in trajectories))
+    plan = UpdatePlan(_read_trajectories(), train.steps_per_update, world_size, train.micro_batch_steps, train.seed)
+    if rank == 0:
+        logger.info("%d trajectories, %d selected steps an epoch; %d steps an update over %d workers, %d micro-batches "
+                    "of at most %d steps per worker and update", len(plan.trajectories), plan.steps_per_epoch,
+                    train.steps_per_update, world_size, plan.micro_batches_per_rank, train.micro_batch_steps)
+        if plan.steps_per_epoch < train.steps_per_update:
+            logger.warning("train.steps_per_update=%d is more than the %d selected steps of the samples: every update "
+                           "spans more than an epoch, so some steps count twice in it", train.steps_per_update,
+                           plan.steps_per_epoch)
     loaded = build_causal_lm(config, ds_config, bf16)
     causal_lm = loaded.causal_lm
     logger.info("worker %d: loaded %d of the model's %d parameters (ZeRO stage %d)", rank, loaded.parameters_held,
@@ -559,12 +638,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
 
     engine, _, _, _ = deepspeed.initialize(
-        model=SelectedStepLogits(causal_lm), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
+        model=SelectedStepLogits(causal_lm, loop_config.get("vocab_size")), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
     )
-    state, latest_has_model = _restore(engine, train.lora.enabled)
+    state, latest_has_model = _restore(engine, train.lora.enabled, train)
     resumed_from = state.step
-    micro_batches = _MicroBatches(trajectories, train, pad_id)
-    micro_batches.skip(state.step * train.grad_accum)
     metrics_log = (
         MetricsLog(join_path(config.output_dir, "train_metrics.jsonl"), state.step) if rank == 0 else None
     )
@@ -580,11 +657,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         fault.maybe_fail(step, rank)
         # Dropout masks depend on the update, not on how many restarts happened.
         torch.manual_seed(train.seed * 1_000_003 + step * 1009 + rank)
-        batches = [micro_batches.next() for _ in range(train.grad_accum)]
+        batches = rank_micro_batches(plan, step, rank, pad_id)
         local_steps = sum(batch.num_steps for batch in batches)
         local_tokens = sum(batch.forward_tokens for batch in batches)
-        update_steps = int(_all_reduce_sum([local_steps], device)[0])
-        scale = update_loss_scale(world_size, train.grad_accum, update_steps)
+        scale = update_loss_scale(world_size, len(batches), train.steps_per_update)
         lr = float(engine.get_lr()[0])
         local_kl = torch.zeros((), dtype=torch.float64, device=device)
         for index, batch in enumerate(batches):
@@ -595,7 +671,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             local_kl += kl_sum.detach().double()
             if index < len(batches) - 1:
                 engine.step()
-        kl_total, tokens_total = _all_reduce_sum([float(local_kl), float(local_tokens)], device)
+        kl_total, tokens_total, steps_total = _all_reduce_sum(
+            [float(local_kl), float(local_tokens), float(local_steps)], device
+        )
+        update_steps = int(steps_total)
+        if update_steps != train.steps_per_update:
+            raise RuntimeError(f"update {step} trained {update_steps} selected steps, planned {train.steps_per_update}")
         loss = kl_total / update_steps
         if not math.isfinite(loss):
             # Every rank sees the same reduced loss, so all stop here together,
@@ -630,7 +711,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             "steps_per_s": update_steps / elapsed,
             "tokens_per_s": tokens_total / elapsed,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "epoch": micro_batches.epoch,
+            "epoch": plan.epoch_of(step),
             "tuned_steps": state.tuned_steps,
         }
         final = step == train.max_steps
@@ -661,8 +742,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _restore(engine: Any, lora: bool) -> tuple[TrainState, bool]:
-    """The state of the latest checkpoint (a fresh one without), and whether it holds the final model."""
+def _restore(engine: Any, lora: bool, train: Optional[TrainConfig] = None) -> tuple[TrainState, bool]:
+    """The state of the latest checkpoint (a fresh one without), and whether it holds the final model.
+
+    With ``train``, the config's optimizer settings replace the checkpoint's (see
+    :func:`apply_optimizer_settings`).
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -673,7 +758,29 @@ def _restore(engine: Any, lora: bool) -> tuple[TrainState, bool]:
         if load_path is None:
             raise LightReasonerError(f"cannot load the DeepSpeed state from checkpoint {directory}")
         state = TrainState(**json.loads(Path(directory, TRAIN_STATE_FILE).read_text()))
+        if train is not None:
+            apply_optimizer_settings(engine.lr_scheduler, train)
         return state, Path(directory, MODEL_SUBDIR).is_dir()
+
+
+def apply_optimizer_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
+    """Make the config's lr, schedule and weight decay win over a loaded checkpoint's.
+
+    Loading restores the optimizer's param groups (lr, weight_decay) and the
+    scheduler's ``base_lrs``, so a re-run with a lowered ``train.lr`` would otherwise
+    keep the old rate. The schedule's position (``last_epoch``, the updates done) is
+    kept; its multiplier comes from the config's warm-up, schedule and max_steps (the
+    scheduler's lambda is built from the config and not restored).
+    """
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [train.lr] * len(groups)
+    multiplier = lr_multiplier(scheduler.last_epoch, train.warmup_steps, train.max_steps, train.lr_schedule)
+    for group in groups:
+        group["initial_lr"] = train.lr
+        group["lr"] = train.lr * multiplier
+        if "weight_decay" in group:
+            group["weight_decay"] = train.weight_decay
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _save_checkpoint(

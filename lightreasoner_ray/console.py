@@ -1,0 +1,151 @@
+"""A quiet console: progress bars and a few lines of what happened; everything else in a log file.
+
+Under :func:`quiet_console` the process's file descriptors 1 and 2 point at
+``<output_dir>/logs/<command>-<time>.log``, so whatever Ray forwards from its workers,
+DeepSpeed's and Ray's own chatter, library warnings and C-level output land there.
+The console keeps what is written to it on purpose: :func:`echo` (stage results,
+tables), progress bars drawn on :func:`progress_stream`, and this package's own
+log records from the driver process. ``--verbose`` skips all of this: every line is
+shown live, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, TextIO
+
+from lightreasoner_ray import storage
+
+PACKAGE_LOGGER = "lightreasoner_ray"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass
+class Console:
+    out: TextIO  # the terminal's stdout, kept aside while fd 1 writes to the log
+    err: TextIO
+    log_path: Path
+
+
+# The process has one terminal; this is where it went while the log file has fds 1 and 2.
+_console: Optional[Console] = None
+
+
+def active_console() -> Optional[Console]:
+    return _console
+
+
+def echo(text: str) -> None:
+    """A line meant for the user: on the terminal in quiet mode (and in the log), else on stdout."""
+    if _console is None:
+        print(text, flush=True)
+        return
+    _console.out.write(text + "\n")
+    _console.out.flush()
+    print(text, flush=True)  # fd 1 is the log: keep the results there too
+
+
+def progress_stream() -> TextIO:
+    """Where progress bars go: the terminal, even in quiet mode."""
+    return _console.err if _console is not None else sys.stderr
+
+
+def log_dir_for(output_dir: str) -> Path:
+    """``<output_dir>/logs``; a local temporary directory for an object-store output_dir."""
+    if storage.is_uri(output_dir):
+        return Path(tempfile.gettempdir(), "lightreasoner-logs")
+    return Path(output_dir, "logs")
+
+
+class _ConsoleFilter(logging.Filter):
+    """This package's records from the driver, INFO and up; workers' records reach the log through Ray."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == PACKAGE_LOGGER or record.name.startswith(PACKAGE_LOGGER + ".")
+
+
+@contextlib.contextmanager
+def quiet_console(output_dir: str, command: str, verbose: bool = False, level: str = "INFO") -> Iterator[Optional[Console]]:
+    """Send fds 1 and 2 to a log file for the duration; the terminal gets only what is meant for it.
+
+    With ``verbose`` nothing is redirected and every log line is shown. Errors are
+    printed in full on the terminal, with the log file to look at, and re-raised.
+    """
+    global _console
+    if verbose or _console is not None:
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+        yield _console
+        return
+
+    directory = log_dir_for(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    console = Console(
+        out=os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace"),
+        err=os.fdopen(os.dup(saved_err), "w", buffering=1, encoding="utf-8", errors="replace"),
+        log_path=log_path,
+    )
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    # Child processes (Ray's raylet and workers started from here) inherit the log as their
+    # stdout/stderr; these keep libraries that read them from adding more noise.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+    root = logging.getLogger()
+    previous_level = root.level
+    file_handler = logging.StreamHandler(sys.stderr)  # fd 2: the log file
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    console_handler = logging.StreamHandler(console.err)
+    console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    console_handler.addFilter(_ConsoleFilter())
+    console_handler.setLevel(level.upper())
+    root.addHandler(file_handler)
+    root.addHandler(console_handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    _console = console
+    console.err.write(f"lightreasoner {command}: logs in {log_path} (--verbose shows them live)\n")
+    try:
+        yield console
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)) and not _is_user_error(exc):
+            text = "".join(traceback.format_exception(exc))
+            sys.stderr.write(text)
+            console.err.write(text)
+            console.err.write(f"lightreasoner {command}: failed; the full log is {log_path}\n")
+        raise
+    finally:
+        _console = None
+        logging.captureWarnings(False)
+        root.removeHandler(file_handler)
+        root.removeHandler(console_handler)
+        root.setLevel(previous_level)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        console.out.close()
+        console.err.close()
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from lightreasoner_ray.errors import LightReasonerError
+
+    return isinstance(exc, LightReasonerError)
