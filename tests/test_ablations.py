@@ -76,3 +76,49 @@ def test_select_by_beta_on_a_beta_zero_run_equals_a_sampler_run_with_that_beta(t
     for got, want in zip(filtered, direct):
         assert got["steps"] == want["steps"] and got["target_ids"] == want["target_ids"]
         assert got["target_probs"] == want["target_probs"] and got["kl"] == want["kl"]
+
+
+# --- rejection-sampling SFT ---------------------------------------------------------------------
+
+def test_keep_correct_keeps_distinct_solutions_with_the_gold_answer():
+    from lightreasoner_ray.rejection_sft import keep_correct
+
+    texts = {1: "3 * 4 = 12", 2: "The answer is \\boxed{12}.", 3: "The answer is \\boxed{13}.", 4: "\\boxed{ 12.0 }",
+             9: "<eos>"}
+    decode = lambda ids: " ".join(texts[i] for i in ids)  # noqa: E731
+    samples = [
+        [[1, 2, 9], [1, 3, 9], [1, 2, 9], [4, 9]],  # right, wrong, right again (a duplicate), right (12.0 == 12)
+        [[1, 3, 9], [], [3], [1, 3]],  # nothing right (and an empty completion)
+    ]
+    result = keep_correct(["p", "q"], [[7], [8, 8]], samples, ["12", "5"], decode, benchmark="toy")
+    assert (result.problems, result.sampled, result.correct, result.kept) == (2, 8, 3, 2)
+    assert result.problems_with_a_kept_solution == 1
+    assert [r["problem_id"] for r in result.rows] == ["p#0", "p#1"]
+    assert [r["completion_ids"] for r in result.rows] == [[1, 2, 9], [4, 9]]
+    assert all(r["prompt_ids"] == [7] for r in result.rows)
+    assert result.rows[0]["target_ids"] == [[1], [2], [9]] and result.rows[0]["target_probs"] == [[1.0]] * 3
+    assert tuned_tokens(result.rows) == 5
+
+
+def test_sampled_solutions_k_per_prompt_seeded_and_greedy_at_temperature_zero(tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightreasoner_ray.generation import eos_token_ids, greedy_generate
+    from lightreasoner_ray.rejection_sft import sample_solutions
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair["expert"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["expert"]).eval()
+    prompts = [tokenizer.encode(q) for q in ("Tom has 3 pens.", "How many apples are left after 5 are eaten?", "Sam")]
+    samples = sample_solutions(model, tokenizer, prompts, k=3, temperature=1.0, max_new_tokens=10, seed=0, batch_size=2)
+    assert [len(s) for s in samples] == [3, 3, 3]
+    eos = eos_token_ids(model, tokenizer)
+    for completions in samples:
+        for c in completions:
+            assert 0 < len(c) <= 10 and all(t not in eos for t in c[:-1])
+    again = dict(k=3, temperature=1.0, max_new_tokens=10, batch_size=2)
+    assert sample_solutions(model, tokenizer, prompts, seed=0, **again) == samples
+    assert sample_solutions(model, tokenizer, prompts, seed=1, **again) != samples
+    # A temperature near zero samples the argmax: every sample is the greedy completion.
+    cold = sample_solutions(model, tokenizer, prompts, k=2, temperature=1e-6, max_new_tokens=10, seed=0)
+    greedy = greedy_generate(model, tokenizer, prompts, max_new_tokens=10)
+    assert cold == [[g, g] for g in greedy]
