@@ -265,7 +265,7 @@ def test_outputs_made_with_other_settings_are_not_mixed(tmp_path):
     settings = {"model_path": "/m", "engine": "hf", "max_new_tokens": 16, "system_prompt": "s", "dtype": "auto"}
     check_generation_settings(str(tmp_path), settings)
     check_generation_settings(str(tmp_path), dict(settings))
-    with pytest.raises(LightReasonerError, match=r"max_new_tokens differ.*delete"):
+    with pytest.raises(LightReasonerError, match=r"max_new_tokens differ.*--restart"):
         check_generation_settings(str(tmp_path), {**settings, "max_new_tokens": 32})
 
 
