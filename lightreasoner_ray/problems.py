@@ -144,6 +144,13 @@ def load_problems(config: DataConfig) -> LoadedProblems:
         raise LightReasonerError(f"{source} holds no usable problems" + (f" ({len(skipped)} invalid rows skipped)" if skipped else ""))
     if config.shuffle:
         random.Random(config.seed).shuffle(problems)
+    if config.offset:
+        if config.offset >= len(problems):
+            raise LightReasonerError(
+                f"data.offset={config.offset} skips all {len(problems)} problems of {source}: lower data.offset "
+                "(or data.limit / rounds, which advance it per round), or give a larger problems file"
+            )
+        problems = problems[config.offset :]
     if config.limit is not None:
         problems = problems[: config.limit]
     return LoadedProblems(problems=problems, source=source, skipped=skipped)
