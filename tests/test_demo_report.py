@@ -129,3 +129,41 @@ def test_slips_and_report_from_made_up_predictions(tmp_path):
 class _Pair:
     expert_path = amateur_path = "pair"
     expert_accuracy = amateur_accuracy = 0.0
+
+
+def test_report_rows_for_rejection_sft_and_rounds_charge_their_own_sampling(tmp_path):
+    from lightreasoner_ray.demo import title
+
+    config = demo_config([f"output_dir={tmp_path}", "demo.seeds=[0,1]", "demo.rounds=2"])
+    accuracy = {"amateur": 0.2, "expert": 0.6, "lightreasoner-seed0": 0.62, "lightreasoner-seed1": 0.64,
+                "lightreasoner_round2-seed0": 0.66, "lightreasoner_round2-seed1": 0.60,
+                "rejection_sft-seed0": 0.7, "rejection_sft-seed1": 0.7}
+    results = {"models": {tag: {"benchmarks": {"toy": {"accuracy": a}}} for tag, a in accuracy.items()}}
+
+    def run(seed, tuned, sampling, train, **extra):
+        return {"seed": seed, "model": "m", "tuned_tokens": tuned, "train_time_s": train, "resumed": False,
+                "sampling_time_s": sampling, **extra}
+
+    runs = {
+        "lightreasoner": [run(0, 50, 4.0, 10.0, problems=8), run(1, 50, 4.0, 12.0, problems=8)],
+        "lightreasoner_round2": [run(0, 40, 6.0, 10.0, problems=8), run(1, 45, 8.0, 10.0, problems=8)],
+        "rejection_sft": [run(0, 300, 30.0, 20.0, problems=8, solutions_kept=11),
+                          run(1, 300, 30.0, 22.0, problems=8, solutions_kept=11)],
+        "sft": [],
+    }
+    rejection = {"samples_per_problem": 4, "temperature": 0.7, "sampled": 32, "correct": 14, "kept": 11,
+                 "problems_with_a_kept_solution": 7}
+    report = demo_report(config, _Pair(), results, runs, [{"completion_ids": [1, 2]}] * 8, {"sample": 4.0}, 50,
+                         rejection=rejection)
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["amateur", "expert", "lightreasoner", "lightreasoner_round2", "rejection_sft"]
+    assert rows["rejection_sft"]["wall_time_s"] == 30.0 + 21.0 and rows["rejection_sft"]["solutions_kept"] == 11
+    assert rows["lightreasoner_round2"]["wall_time_s"] == 7.0 + 10.0
+    # Each seed's round-2 model samples its own steps: the row shows their mean and keeps each.
+    assert rows["lightreasoner_round2"]["tuned_tokens"] == round(42.5) and rows["lightreasoner_round2"]["tuned_tokens_per_seed"] == [40, 45]
+    assert rows["lightreasoner"]["solutions_kept"] is None and rows["lightreasoner"]["wall_time_s"] == 4.0 + 11.0
+    markdown = demo_markdown(report)
+    assert "| expert + SFT (rejection-sampled) | 70.0 ± 0.0 | – | 8 | 11 | 300 | 51 s |" in markdown
+    assert f"| {title('lightreasoner_round2')} | 63.0 ± 4.2 |" in markdown
+    assert "sampled 4 solutions a problem at temperature 0.7 (32 in all), 14 reached the gold answer, 11 distinct" in markdown
+    assert "test accuracy (%)" in markdown and "never used for a choice" in markdown
