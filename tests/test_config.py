@@ -57,8 +57,32 @@ def test_missing_config_file():
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+    paths = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+    assert {path.parent.name for path in paths} == {"configs", "reference"}
+    for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-r1-distill-qwen-1.5b"])
+def test_reference_presets_are_the_reference_run(name):
+    """HKUDS/LightReasoner's settings (LightR_sampling.py, LightR_finetuning.py, HF Trainer defaults) and
+    the Qwen2.5-Math toolkit's evaluation (math_eval.py --prompt_type qwen25-math-cot), written out here."""
+    config = load_config(REPO_ROOT / "configs" / "reference" / f"{name}.yaml")
+    assert (config.data.limit, config.data.shuffle, config.data.offset) == (1000, False, 0)
+    assert config.amateur.path == "Qwen/Qwen2.5-0.5B"
+    sampling = config.sampling
+    assert (sampling.alpha, sampling.beta, sampling.max_new_tokens, sampling.selection) == (0.2, 0.4, 128, "reference")
+    assert sampling.system_prompt == "Please reason step by step."
+    train = config.train
+    assert (train.max_steps, train.lr, train.steps_per_update, train.micro_batch_steps) == (1000, 5e-5, 16, 8)
+    assert (train.lr_schedule, train.warmup_steps, train.max_grad_norm, train.weight_decay) == ("linear", 0, 1.0, 0.0)
+    lora = train.lora
+    assert (lora.enabled, lora.r, lora.alpha, lora.dropout, lora.target_modules) == (True, 8, 16, 0.05, ["q_proj", "v_proj"])
+    evaluation = config.eval
+    assert (evaluation.prompt, evaluation.max_new_tokens, evaluation.limit) == ("qwen25-math-cot", 2048, None)
+    assert evaluation.benchmarks == ["gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
+    header = (REPO_ROOT / "configs" / "reference" / f"{name}.yaml").read_text().split("\nexpert:")[0]
+    assert "Remaining differences" in header
 
 
 def test_unknown_benchmark_and_bad_lora_alpha_are_config_errors():
