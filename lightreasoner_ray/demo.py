@@ -231,8 +231,8 @@ def run_demo(config: Config) -> dict[str, Any]:
     report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips,
                          rejection={key: value for key, value in rejection.items() if key != "rows"})
     paths = write_demo_report(out, report)
-    echo(demo_markdown(report))
     echo(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
+    echo(demo_markdown(report))  # last: the table is what the console ends with
     return report
 
 
@@ -327,6 +327,8 @@ def rejection_sampled(base: Config, sampled: list[dict[str, Any]], by_id: dict[s
 
 
 SETTINGS_FILE = "demo_settings.json"
+# What the command itself writes into output_dir before the demo starts (console logs, tracking stores).
+RUN_RECORDS = {"logs", "mlflow.db", "mlruns", "tensorboard", "wandb"}
 
 
 def check_demo_config(config: Config) -> None:
@@ -341,15 +343,15 @@ def check_demo_config(config: Config) -> None:
 
 
 def pair_fingerprint(pair) -> str:
-    """The toy pair's recipe hash and a hash of both models' weights: a pair rebuilt by the
-    same recipe on another torch or CPU may have other weights."""
+    """The toy pair's recipe hash and both models' weight fingerprints: a pair rebuilt by the
+    same recipe on another torch or CPU may have other weights (the toy models are small, so
+    :func:`~lightreasoner_ray.provenance.weights_fingerprint` hashes their files whole)."""
     import hashlib
 
-    digest = hashlib.sha256(pair.spec_hash.encode())
-    for directory in (pair.expert_path, pair.amateur_path):
-        for path in sorted(Path(directory).glob("*.safetensors")):
-            digest.update(path.read_bytes())
-    return f"{pair.spec_hash}-{digest.hexdigest()[:16]}"
+    from lightreasoner_ray.provenance import weights_fingerprint
+
+    weights = "-".join(weights_fingerprint(str(directory)) for directory in (pair.expert_path, pair.amateur_path))
+    return f"{pair.spec_hash}-{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -372,7 +374,7 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     settings = {"toy_pair": pair_hash, **_flatten(tree)}
     directory = Path(config.output_dir)
     path = directory / SETTINGS_FILE
-    if not path.is_file() and directory.is_dir() and any(directory.iterdir()):
+    if not path.is_file() and directory.is_dir() and any(item.name not in RUN_RECORDS for item in directory.iterdir()):
         raise LightReasonerError(
             f"demo: {directory} is not empty and holds no {SETTINGS_FILE} (a run of an older version, or "
             "something else): pass another output_dir=... or delete that directory"

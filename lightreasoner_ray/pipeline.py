@@ -2,7 +2,8 @@
 
 Each stage resumes on its own (finished sample files are skipped, training restarts
 from its latest checkpoint, evaluation skips finished shards), so a re-submitted job
-picks up where the last one stopped. The run ends with the efficiency report of the
+picks up where the last one stopped; what each resumes was made from the same inputs
+(lightreasoner_ray.provenance), else the stage refuses, or starts over with ``--restart``. The run ends with the efficiency report of the
 paper's three measures: wall time per stage, problems sampled, and tuned tokens
 against what SFT on the same trajectories would tune, beside the results table.
 """
