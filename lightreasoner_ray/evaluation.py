@@ -32,6 +32,7 @@ from lightreasoner_ray import storage
 from lightreasoner_ray.benchmarks import BENCHMARKS, load_benchmark
 from lightreasoner_ray.config import Config, EvalConfig, join_path
 from lightreasoner_ray.engine import (
+    Completion,
     EngineFactory,
     EngineSpec,
     check_inference_model,
@@ -174,8 +175,12 @@ class Evaluator:
         self.engine = self.engine_factory(self.spec)
         return time.perf_counter() - started
 
-    def generate(self, rows: list[dict[str, Any]], benchmark: str = "") -> list[dict[str, str]]:
-        """``{"prompt": the exact prompt text, "output": the completion}`` per row."""
+    def generate(self, rows: list[dict[str, Any]], benchmark: str = "") -> list[dict[str, Any]]:
+        """``{"prompt": the exact prompt text, "output": the completion}`` per row, plus
+        ``"outputs"`` (all ``spec.n`` completions) when more than one is drawn.
+
+        The whole shard goes to the engine in one call (vLLM batches it continuously).
+        """
         if self.engine is None:  # a restarted actor
             self.start()
         tokenizer = self.engine.tokenizer
@@ -183,7 +188,20 @@ class Evaluator:
         outputs = self.engine.generate([encode_prompt(tokenizer, text, self.prompt_style) for text in texts])
         if len(outputs) != len(rows):
             raise LightReasonerError(f"the engine returned {len(outputs)} completions for {len(rows)} prompts")
-        return [{"prompt": text, "output": str(output)} for text, output in zip(texts, outputs)]
+        generated = []
+        for text, output in zip(texts, outputs):
+            samples = completion_texts(output)
+            if len(samples) != self.spec.n:
+                raise LightReasonerError(f"the engine returned {len(samples)} completions for a prompt, not eval.n={self.spec.n}")
+            generated.append({"prompt": text, "output": samples[0], **({"outputs": samples} if self.spec.n > 1 else {})})
+        return generated
+
+
+def completion_texts(output: Any) -> list[str]:
+    """An engine's answer for one prompt (a text, a Completion, or a list of them) as texts."""
+    if isinstance(output, (str, Completion)):
+        output = [output]
+    return [item.text if isinstance(item, Completion) else str(item) for item in output]
 
 
 def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[Any]) -> list[dict[str, Any]]:
@@ -202,11 +220,42 @@ def grade_rows(benchmark: str, rows: list[dict[str, Any]], outputs: list[Any]) -
             prediction["extracted"] = extract_answer(output, benchmark, row.get("choices"))
             extracted = prediction["extracted"]
             prediction["correct"] = bool(extracted) and is_equivalent(extracted, row["answer"])
+            if isinstance(generated, dict) and "outputs" in generated:
+                prediction.update(grade_samples(benchmark, row, generated["outputs"]))
         except Exception as exc:  # a grader bug must not sink a long run; the row says what happened
             prediction["grading_error"] = f"{type(exc).__name__}: {exc}"
             logger.warning("%s row %s: grading failed (%s); graded wrong", benchmark, row["id"], prediction["grading_error"])
         graded.append(prediction)
     return graded
+
+
+def grade_samples(benchmark: str, row: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+    """The fields of a row with k sampled completions: each output, its answer and grade, and the majority vote.
+
+    ``output``/``extracted``/``correct`` stay those of the first sample. The majority
+    answer is the most frequent non-empty answer, answers counted equal when
+    mathematically equivalent; ties go to the answer seen first.
+    """
+    answers = [extract_answer(output, benchmark, row.get("choices")) for output in outputs]
+    corrects = [bool(answer) and is_equivalent(answer, row["answer"]) for answer in answers]
+    groups: list[list[int]] = []  # sample indices, one list per distinct answer, in order of first appearance
+    for index, answer in enumerate(answers):
+        if not answer:
+            continue
+        for group in groups:
+            if is_equivalent(answer, answers[group[0]]):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    majority = max(groups, key=len, default=None)  # max keeps the first of equal counts
+    return {
+        "outputs": outputs,
+        "answers": answers,
+        "corrects": corrects,
+        "majority": answers[majority[0]] if majority else "",
+        "majority_correct": bool(majority) and corrects[majority[0]],
+    }
 
 
 # ---- outputs --------------------------------------------------------------------------
@@ -333,9 +382,26 @@ class PredictionStore:
         return [row for index in sorted(finished) for row in finished[index]]
 
 
-def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    correct = sum(bool(row["correct"]) for row in rows)
-    return {"accuracy": correct / len(rows) if rows else 0.0, "n": len(rows), "correct": correct}
+def score(rows: list[dict[str, Any]], k: int = 1) -> dict[str, Any]:
+    """Accuracy (pass@1) over ``rows``; with ``k`` samples a row, pass@k and maj@k beside it.
+
+    With k samples pass@1 is the mean share of correct samples per question (the
+    unbiased estimate); pass@k counts a question solved when any sample is right, maj@k
+    when the majority answer is. ``correct`` then counts correct samples out of ``n * k``.
+    """
+    if k == 1:
+        correct = sum(bool(row["correct"]) for row in rows)
+        return {"accuracy": correct / len(rows) if rows else 0.0, "n": len(rows), "correct": correct}
+    sample_grades = [row.get("corrects") or [False] * k for row in rows]  # a grading error grades all wrong
+    correct = sum(sum(grades) for grades in sample_grades)
+    return {
+        "accuracy": sum(sum(grades) / k for grades in sample_grades) / len(rows) if rows else 0.0,
+        "n": len(rows),
+        "correct": correct,
+        "k": k,
+        "pass@k": sum(any(grades) for grades in sample_grades) / len(rows) if rows else 0.0,
+        "maj@k": sum(bool(row.get("majority_correct")) for row in rows) / len(rows) if rows else 0.0,
+    }
 
 
 # ---- the Ray pool ---------------------------------------------------------------------
@@ -468,7 +534,15 @@ def generation_settings(model: EvalModel, config: Config, engine_factory: Engine
         "system_prompt": config.eval.system_prompt,
         "prompt": config.eval.prompt,
         "dtype": config.expert.dtype,
+        **decoding_settings(config.eval),
     }
+
+
+def decoding_settings(eval_config: EvalConfig) -> dict[str, Any]:
+    """Decoding settings; default greedy decoding adds nothing (outputs made before these keys stay valid)."""
+    if eval_config.temperature == 0 and eval_config.n == 1:
+        return {}
+    return {"temperature": eval_config.temperature, "top_p": eval_config.top_p, "n": eval_config.n, "seed": eval_config.seed}
 
 
 def evaluate_model(
@@ -497,6 +571,11 @@ def evaluate_model(
             batch_size=eval_config.batch_size,
             dtype=config.expert.dtype,
             trust_remote_code=config.expert.trust_remote_code,
+            temperature=eval_config.temperature,
+            top_p=eval_config.top_p,
+            n=eval_config.n,
+            seed=eval_config.seed,
+            vllm=eval_config.vllm,
         )
         ordered_todo = interleave(_group(todo))
         def on_graded(shard: Shard, rows: list[dict[str, Any]]) -> None:
@@ -506,7 +585,7 @@ def evaluate_model(
         timing = run_pool(ordered_todo, engine_factory, spec, eval_config, on_graded, f"evaluating {model.tag}")
     rows_generated = sum(len(shard.rows) for shard in todo)
     busy_seconds = timing.get("generate_and_grade_s", 0.0)
-    scores = {name: score(store.benchmark_rows(name)) for name in paper_order(shards_by_benchmark)}
+    scores = {name: score(store.benchmark_rows(name), eval_config.n) for name in paper_order(shards_by_benchmark)}
     trained = read_record(join_path(model.path, PROVENANCE_FILE)) if not storage.is_uri(model.path) else None
     return {
         "path": model.path,
@@ -557,6 +636,10 @@ def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = Non
             "system_prompt": eval_config.system_prompt,
             "engine": factory_name(factory),
             "data_dir": eval_config.data_dir or None,
+            "temperature": eval_config.temperature,
+            "top_p": eval_config.top_p,
+            "n": eval_config.n,
+            "seed": eval_config.seed,
         },
         "wall_time_s": time.time() - started,
     }

@@ -2,8 +2,8 @@
 
 This is the small engine interface the stages use: ``greedy_generate`` (left-padded
 batches through ``model.generate``) and ``completion_logits`` (one right-padded,
-teacher-forced forward pass whose hidden states are projected to logits only at
-the positions asked for).
+teacher-forced forward pass, no KV cache, whose hidden states at the completion
+positions are kept and projected to logits only a slice of positions at a time).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from lightreasoner_ray.lm_head import LMHead, ProjectedRows
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -74,31 +76,74 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
     return [truncate_at_eos(tokens, eos_ids) for tokens in generated]
 
 
+@torch.inference_mode()
+def sampled_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     temperature: float, top_p: float, n: int) -> list[list[list[int]]]:
+    """``n`` completions per prompt (token ids, cut after the first EOS); greedy when ``temperature == 0``.
+
+    Uses torch's global random state: seed it (``torch.manual_seed``) for a reproducible draw.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+    input_ids, attention_mask = _pad_batch(prompts, pad_id, left=True, device=device)
+    sample = temperature > 0
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        repetition_penalty=1.0,
+        num_return_sequences=n,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+    )
+    generated = [truncate_at_eos(tokens, eos_ids) for tokens in output[:, input_ids.shape[1] :].tolist()]
+    return [generated[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def completion_hidden_states(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """One teacher-forced pass: the final hidden states that predict each completion token.
+
+    For a sequence ``prompt + y`` the state at position ``len(prompt) - 1 + t`` gives
+    pi(. | prompt + y_<t). Right padding keeps every real position's causal context
+    intact; no KV cache is built. Returns one ``[len(y), hidden]`` tensor per sequence
+    (``positions x hidden``: small next to ``positions x vocab`` logits).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _pad_batch(sequences, pad_id, left=False, device=device)
+    rows, cols, counts = [], [], []
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        completion_length = len(sequence) - prompt_length
+        counts.append(completion_length)
+        rows.extend([row] * completion_length)
+        cols.extend(range(prompt_length - 1, len(sequence) - 1))
+    with torch.inference_mode():
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        selected = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    return list(torch.split(selected, counts))
+
+
 def completion_logits(
     model: Any,
     sequences: Sequence[Sequence[int]],
     prompt_lengths: Sequence[int],
     pad_id: int,
     vocab_size: int,
-) -> list[torch.Tensor]:
-    """One teacher-forced pass: the logits that predict each completion token.
+) -> list[ProjectedRows]:
+    """Per sequence, the logits that predict each completion token, projected lazily.
 
-    For a sequence ``prompt + y`` the logits at position ``len(prompt) - 1 + t``
-    give pi(. | prompt + y_<t). Right padding keeps every real position's causal
-    context intact; only the requested positions go through the LM head, cut to
-    ``vocab_size`` columns. Returns one ``[len(y), vocab_size]`` tensor per sequence.
+    Each item holds ``[len(y), hidden]`` states; indexing a slice of positions projects
+    just those through the LM head (fp32, cut to ``vocab_size``, with the model's logit
+    scaling/soft-capping: :func:`lightreasoner_ray.lm_head.head_logits`).
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = _pad_batch(sequences, pad_id, left=False, device=device)
-    with torch.inference_mode():
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows, cols = [], []
-        counts = []
-        for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
-            completion_length = len(sequence) - prompt_length
-            counts.append(completion_length)
-            rows.extend([row] * completion_length)
-            cols.extend(range(prompt_length - 1, len(sequence) - 1))
-        selected = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-        logits = model.get_output_embeddings()(selected)[:, :vocab_size]
-    return list(torch.split(logits, counts))
+    head = LMHead(model, vocab_size)
+    return [ProjectedRows(hidden, head) for hidden in completion_hidden_states(model, sequences, prompt_lengths, pad_id)]

@@ -57,15 +57,24 @@ def markdown_table(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def accuracy_rows(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
-    """The paper's table as (rows, columns): one row per model, accuracies in %."""
+def accuracy_rows(results: dict[str, Any], metric: str = "accuracy") -> tuple[list[list[str]], list[str]]:
+    """The paper's table as (rows, columns): one row per model, ``metric`` in %.
+
+    ``metric`` is ``accuracy`` (pass@1; AVG is the model's ``average``) or, for sampled
+    runs, ``pass@k`` / ``maj@k`` (AVG is their mean over the benchmarks shown).
+    """
     benchmarks = paper_order(results["benchmarks"])
     columns = ["Model", *(title(b) for b in benchmarks), AVERAGE_TITLE]
     rows = []
     for tag, model in results["models"].items():
         scores = model["benchmarks"]
-        cells = [percent(scores[b]["accuracy"]) if b in scores else percent(None) for b in benchmarks]
-        rows.append([tag, *cells, percent(model.get("average"))])
+        values = [scores[b].get(metric) if b in scores else None for b in benchmarks]
+        if metric == "accuracy":
+            average = model.get("average")
+        else:
+            present = [v for v in values if v is not None]
+            average = sum(present) / len(present) if present else None
+        rows.append([tag, *(percent(v) for v in values), percent(average)])
     return rows, columns
 
 
@@ -77,18 +86,44 @@ def results_markdown(results: dict[str, Any], heading: str = "Evaluation results
         [tag, *(_count(model["benchmarks"].get(b)) for b in benchmarks)]
         for tag, model in results["models"].items()
     ]
+    k = sample_count(results)
+    if k == 1:
+        protocol = "Zero-shot pass@1 (greedy), accuracy in %. AVG is the mean over the benchmarks shown.\n"
+        counted = "\nCorrect / evaluated problems:\n"
+    else:
+        settings = results.get("settings", {})
+        protocol = (
+            f"Zero-shot pass@1 in %, estimated from {k} samples a problem (temperature "
+            f"{settings.get('temperature', '?')}, top_p {settings.get('top_p', '?')}). AVG is the mean over the "
+            "benchmarks shown.\n"
+        )
+        counted = f"\nCorrect samples / (evaluated problems x {k}):\n"
     parts = [
         f"# {heading}\n",
-        "Zero-shot pass@1 (greedy), accuracy in %. AVG is the mean over the benchmarks shown.\n",
+        protocol,
         markdown_table(rows, columns),
-        "\nCorrect / evaluated problems:\n",
-        markdown_table(counts, ["Model", *(title(b) for b in benchmarks)]),
     ]
+    for metric in (("pass@k", "maj@k") if k > 1 else ()):
+        metric_rows, metric_columns = accuracy_rows(results, metric)
+        name = metric.replace("@k", f"@{k}")
+        explained = "any of the samples right" if metric == "pass@k" else "the most frequent answer right"
+        parts += [f"\n{name} in % ({explained}):\n", markdown_table(metric_rows, metric_columns)]
+    parts += [counted, markdown_table(counts, ["Model", *(title(b) for b in benchmarks)])]
     return "\n".join(parts)
 
 
+def sample_count(results: dict[str, Any]) -> int:
+    """Completions drawn per problem (``k`` in the scores; 1 for greedy decoding)."""
+    return max(
+        (score.get("k", 1) for model in results["models"].values() for score in model["benchmarks"].values()),
+        default=1,
+    )
+
+
 def _count(score: dict[str, Any] | None) -> str:
-    return "–" if score is None else f"{score['correct']}/{score['n']}"
+    if score is None:
+        return "–"
+    return f"{score['correct']}/{score['n'] * score.get('k', 1)}"
 
 
 def bar_chart_png(results: dict[str, Any], chart_title: str = "Zero-shot pass@1 (%)") -> bytes:

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from lightreasoner_ray.config import ModelConfig
+from lightreasoner_ray.config import ModelConfig, VLLMConfig
 from lightreasoner_ray.contrast import contrast_positions
-from lightreasoner_ray.generation import completion_logits, greedy_generate
+from lightreasoner_ray.generation import completion_logits
 from lightreasoner_ray.metrics import record_sampling
 from lightreasoner_ray.models import context_length, default_device, load_model, load_tokenizer, shared_vocab_size
 
@@ -39,6 +39,36 @@ SAMPLES_SCHEMA = pa.schema(
 )
 
 
+def completion_engine(name: str, expert: ModelConfig, max_new_tokens: int, context: int, vllm: VLLMConfig | None,
+                      tokenizer: Any, expert_model: Any) -> Any:
+    """The engine that writes the expert's greedy completions (``sampling.engine``).
+
+    ``hf`` serves the expert already loaded for the contrast; any other engine loads
+    its own copy (vLLM: in the memory share ``sampling.vllm.gpu_memory_utilization``).
+    Completions are capped to the context both models share.
+    """
+    import dataclasses
+
+    from lightreasoner_ray.engine import EngineSpec, HFEngine, resolve_engine_factory
+
+    settings = vllm or VLLMConfig()
+    spec = EngineSpec(
+        model_path=expert.path,
+        max_new_tokens=max_new_tokens,
+        batch_size=1 << 30,  # Ray Data hands over sampling.batch_size problems: one batch
+        dtype=expert.dtype,
+        trust_remote_code=expert.trust_remote_code,
+        vllm=dataclasses.replace(settings, max_model_len=min(settings.max_model_len or context, context)),
+    )
+    if name == "hf":
+        engine = HFEngine(spec, tokenizer, expert_model)
+    else:
+        engine = resolve_engine_factory(name, "sampling.engine")(spec)
+    if hasattr(engine, "context"):
+        engine.context = min(engine.context, context)
+    return engine
+
+
 class ContrastiveSampler:
     """Holds an expert and an amateur on this process's device; contrasts batches of problems."""
 
@@ -50,6 +80,9 @@ class ContrastiveSampler:
         beta: float,
         max_new_tokens: int,
         position_chunk: int = 64,
+        selection: str = "paper",
+        engine: str = "hf",
+        vllm: VLLMConfig | None = None,
     ) -> None:
         self.device = default_device()
         self.tokenizer = load_tokenizer(expert, "expert")
@@ -57,23 +90,29 @@ class ContrastiveSampler:
         self.amateur = load_model(amateur, "amateur", self.device)
         self.vocab_size = shared_vocab_size(self.tokenizer, self.expert, self.amateur)
         self.context = min(context_length(self.expert), context_length(self.amateur))
+        self.engine = completion_engine(engine, expert, max_new_tokens, self.context, vllm, self.tokenizer, self.expert)
+        self.generation_seconds = 0.0
         self.alpha = alpha
         self.beta = beta
         self.max_new_tokens = max_new_tokens
         self.position_chunk = position_chunk
+        self.selection = selection
 
     def sample(self, problem_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
         """Contrast the expert and the amateur on each prompt; one row per problem."""
-        budget = max(1, min(self.max_new_tokens, self.context - max(len(p) for p in prompts)))
-        completions = greedy_generate(self.expert, self.tokenizer, prompts, budget)
+        started = time.perf_counter()
+        completions = [samples[0].token_ids for samples in self.engine.generate([list(p) for p in prompts])]
+        self.generation_seconds += time.perf_counter() - started
         kept = [i for i, completion in enumerate(completions) if completion]
         sequences = [list(prompts[i]) + completions[i] for i in kept]
         prompt_lengths = [len(prompts[i]) for i in kept]
         pad_id = self.tokenizer.pad_token_id
+        # Hidden states only (positions x hidden); contrast_positions projects a chunk of
+        # positions of both models at a time, in fp32, never positions x vocab at once.
         expert_logits = completion_logits(self.expert, sequences, prompt_lengths, pad_id, self.vocab_size)
         amateur_logits = completion_logits(self.amateur, sequences, prompt_lengths, pad_id, self.vocab_size)
         contrasts = {
-            i: contrast_positions(e, a, self.alpha, self.beta, self.position_chunk)
+            i: contrast_positions(e, a, self.alpha, self.beta, self.position_chunk, self.selection)
             for i, e, a in zip(kept, expert_logits, amateur_logits)
         }
         rows = []

@@ -129,10 +129,13 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     """
     import ray
 
+    from lightreasoner_ray.engine import resolve_engine_factory
     from lightreasoner_ray.ray_session import init_ray
     from lightreasoner_ray.sampler import ContrastiveSampler
 
     started = time.time()
+    if config.sampling.engine != "hf":  # a missing vLLM or a bad factory path fails before any work
+        resolve_engine_factory(config.sampling.engine, "sampling.engine")
     problems, info = prepare_problems(config)
     samples_dir = config.samples_dir
     if restart:
@@ -164,6 +167,8 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
                 max_new_tokens=sampling.max_new_tokens,
                 position_chunk=sampling.position_chunk,
                 selection=sampling.selection,
+                engine=sampling.engine,
+                vllm=sampling.vllm,
             ),
             batch_size=sampling.batch_size,
             batch_format="pyarrow",

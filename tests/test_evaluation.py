@@ -255,8 +255,12 @@ def test_model_entries_and_config_checks(tmp_path):
         parse_model_entry("my model=/models/x")
     with pytest.raises(LightReasonerError, match="more than once"):
         load_config(None, ["eval.benchmarks=[gsm8k,gsm8k]"])
-    with pytest.raises(LightReasonerError, match="eval.engine must be 'hf' or an import path"):
-        load_config(None, ["eval.engine=vllm"])
+    with pytest.raises(LightReasonerError, match="eval.engine must be 'hf', 'vllm' or an import path"):
+        load_config(None, ["eval.engine=vllm-gpu"])
+    with pytest.raises(LightReasonerError, match="set eval.temperature > 0"):
+        load_config(None, ["eval.n=4"])
+    with pytest.raises(LightReasonerError, match="eval.vllm.gpu_memory_utilization must be in"):
+        load_config(None, ["eval.vllm.gpu_memory_utilization=1.5"])
     with pytest.raises(LightReasonerError, match="cannot import"):
         run_evaluation(eval_config(tmp_path, "eval.engine=no_such_package.engines:make"))
 
@@ -280,11 +284,12 @@ def test_hf_engine_keeps_prompt_order_and_respects_the_context(tiny_pair):
     engine = HFEngine(EngineSpec(model_path=str(tiny_pair["expert"]), max_new_tokens=6, batch_size=2))
     questions = [row["question"] for row in load_benchmark("gsm8k", DATA_DIR, 4)]
     prompts = [prompt_ids(engine.tokenizer, q, "Please reason step by step.") for q in questions]
-    one_by_one = [
-        engine.tokenizer.decode(greedy_generate(engine.model, engine.tokenizer, [p], 6)[0], skip_special_tokens=True)
-        for p in prompts
+    one_by_one = [greedy_generate(engine.model, engine.tokenizer, [p], 6)[0] for p in prompts]
+    completions = engine.generate(prompts)
+    assert [[c.token_ids for c in samples] for samples in completions] == [[tokens] for tokens in one_by_one]
+    assert [samples[0].text for samples in completions] == [
+        engine.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in one_by_one
     ]
-    assert engine.generate(prompts) == one_by_one
 
     # Near the context limit a completion stops at the context; a prompt that fills it gets nothing.
     longest = max(len(p) for p in prompts)
@@ -296,7 +301,7 @@ def test_hf_engine_keeps_prompt_order_and_respects_the_context(tiny_pair):
     assert engine.room(longest) == 2
     engine.context = len(prompts[0])
     outputs = engine.generate([prompts[0]])
-    assert outputs == [""]
+    assert [[c.token_ids for c in samples] for samples in outputs] == [[[]]]
 
 
 def test_peft_adapter_is_merged_for_inference(tiny_pair, tmp_path):
