@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, TextIO
+from typing import Callable, Iterator, Optional, TextIO
 
 from lightreasoner_ray import storage
 
@@ -56,6 +56,24 @@ def echo(text: str) -> None:
 def progress_stream() -> TextIO:
     """Where progress bars go: the terminal, even in quiet mode."""
     return _console.err if _console is not None else sys.stderr
+
+
+@contextlib.contextmanager
+def training_progress(max_steps: int) -> Iterator[Optional[Callable[[dict], None]]]:
+    """In quiet mode, a bar of training updates fed with ``train_metrics.jsonl`` rows; else None."""
+    if _console is None:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=max_steps, desc="training updates", unit="update", file=_console.err) as bar:
+        def update(row: dict) -> None:
+            bar.n = min(int(row["step"]), max_steps)
+            if isinstance(row.get("loss"), (int, float)):
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            bar.refresh()
+
+        yield update
 
 
 def log_dir_for(output_dir: str) -> Path:

@@ -137,7 +137,7 @@ def build_page_data(config: Config, rows: Sequence[dict[str, Any]], shown: Seque
             "expert_top": {"ids": models["expert"]["ids"], "probs": _rounded(models["expert"]["probs"])},
             "amateur_top": {"ids": models["amateur"]["ids"], "probs": _rounded(models["amateur"]["probs"])},
         })
-    quantiles = {f"p{q}": float(np.quantile(all_kl, q / 100)) for q in (50, 90, 99)} if all_kl.size else {}
+    quantiles = {f"p{q}": float(np.quantile(all_kl, q / 100)) for q in (1, 50, 90, 99)} if all_kl.size else {}
     return {
         "stats": {
             "output_dir": config.output_dir,
@@ -231,7 +231,7 @@ main {{ display: grid; grid-template-columns: 260px 1fr 300px; height: calc(100v
 #prompt {{ white-space: pre-wrap; color: #666; font-size: 12px; border-left: 3px solid #ccc; padding-left: 8px; }}
 #tokens {{ font-family: ui-monospace, monospace; white-space: pre-wrap; margin-top: 10px; line-height: 1.9; }}
 .tok {{ cursor: pointer; border-radius: 2px; }}
-.tok.sel {{ outline: 2px solid #b22; outline-offset: -1px; }}
+.tok.sel {{ outline: 2px solid #1f4e9c; outline-offset: -1px; }}
 .tok.focus {{ box-shadow: 0 0 0 2px #124; }}
 #detail {{ overflow-y: auto; border-left: 1px solid #ddd; padding: 10px; font-size: 12px; }}
 table {{ border-collapse: collapse; width: 100%; margin-bottom: 10px; }}
@@ -248,6 +248,7 @@ code {{ background: #f0f0f0; padding: 0 3px; }}
 <div id="summary">{summary}</div>
 <div>{histogram}</div>
 <div class="legend">Token shading: D<sub>KL</sub>(expert ‖ amateur) at that position
+from the 1st to the 99th percentile
 (<span style="background:rgba(217,83,79,0.15)">low</span><span style="background:rgba(217,83,79,0.85)">high</span>);
 <span class="tok sel">outlined</span> = selected step (KL &gt; β). Click a token for the top tokens. {shown} trajectories shown.</div>
 </header>
@@ -257,7 +258,10 @@ code {{ background: #f0f0f0; padding: 0 3px; }}
 <script>
 const data = JSON.parse(document.getElementById("samples-data").textContent);
 const vocab = data.vocabulary;
-const klScale = Math.max(data.stats.kl_quantiles.p99 || 1e-6, data.stats.beta, 1e-6);
+// Shade from the 1st to the 99th percentile of all sampled positions, so that small differences show.
+const klLow = data.stats.kl_quantiles.p1 || 0;
+const klSpan = Math.max((data.stats.kl_quantiles.p99 || 0) - klLow, 1e-6);
+const shade = kl => Math.min(1, Math.max(0.04, (kl - klLow) / klSpan));
 const text = id => (vocab[String(id)] ?? ("#" + id));
 function esc(s) {{ return s.replace(/[&<>"]/g, c => ({{"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}})[c]); }}
 function shown(s) {{ return esc(s).replace(/\\n/g, "⏎").replace(/ /g, "·"); }}
@@ -289,7 +293,7 @@ function showTrajectory(index) {{
     span.className = "tok" + (selected.has(pos) ? " sel" : "");
     span.textContent = text(id);
     span.title = `KL ${{t.kl[pos].toFixed(3)}}`;
-    span.style.background = `rgba(217,83,79,${{Math.min(1, t.kl[pos] / klScale).toFixed(3)}})`;
+    span.style.background = `rgba(217,83,79,${{shade(t.kl[pos]).toFixed(3)}})`;
     span.onclick = () => showToken(t, pos, span);
     span.onmouseenter = () => showToken(t, pos, span);
     box.appendChild(span);
@@ -302,7 +306,11 @@ data.trajectories.forEach((t, i) => {{
   item.onclick = () => showTrajectory(i);
   list.appendChild(item);
 }});
-if (data.trajectories.length) showTrajectory(0);
+if (data.trajectories.length) {{
+  showTrajectory(0);
+  const first = document.querySelector("#tokens .tok.sel") || document.querySelector("#tokens .tok");
+  if (first) first.onclick();
+}}
 </script>
 </body></html>
 """

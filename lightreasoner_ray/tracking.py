@@ -17,6 +17,7 @@ offline runs are single-process, and workers need no tracking packages).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib.util
@@ -27,7 +28,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 from lightreasoner_ray import storage
 from lightreasoner_ray.errors import LightReasonerError
@@ -292,10 +293,10 @@ class TrackedRun:
 
 
 class MetricsFollower:
-    """Logs the rows rank 0 appends to ``train_metrics.jsonl`` while training runs."""
+    """Hands each new row rank 0 appends to ``train_metrics.jsonl`` to ``on_row`` while training runs."""
 
-    def __init__(self, run: TrackedRun, path: str, interval_s: float = FOLLOW_INTERVAL_S) -> None:
-        self.run = run
+    def __init__(self, on_row: Callable[[dict[str, Any]], None], path: str, interval_s: float = FOLLOW_INTERVAL_S) -> None:
+        self.on_row = on_row
         self.path = path
         self.interval_s = interval_s
         self.last_step = 0
@@ -328,12 +329,35 @@ class MetricsFollower:
             step = row.get("step") if isinstance(row, dict) else None
             if not isinstance(step, int) or step <= self.last_step:
                 continue
-            metrics = {
-                metric_name("train", key): float(row[key]) for key in TRAIN_METRICS
-                if isinstance(row.get(key), (int, float)) and row[key] == row[key]
-            }
-            self.run.log_metrics(metrics, step=step)
+            self.on_row(row)
             self.last_step = step
+
+
+def train_row_metrics(row: dict[str, Any]) -> dict[str, float]:
+    return {
+        metric_name("train", key): float(row[key]) for key in TRAIN_METRICS
+        if isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool) and row[key] == row[key]
+    }
+
+
+@contextlib.contextmanager
+def following_training(config: Any, run: Optional[TrackedRun]) -> Iterator[None]:
+    """While training runs: its metrics to the tracked run, its progress to the console's bar."""
+    from lightreasoner_ray.config import join_path
+    from lightreasoner_ray.console import training_progress
+
+    with training_progress(config.train.max_steps) as progress:
+        def on_row(row: dict[str, Any]) -> None:
+            if run is not None:
+                run.log_metrics(train_row_metrics(row), step=row["step"])
+            if progress is not None:
+                progress(row)
+
+        if run is None and progress is None:
+            yield
+            return
+        with MetricsFollower(on_row, join_path(config.output_dir, "train_metrics.jsonl")):
+            yield
 
 
 # ------------------------------------------------------------------------ stages
@@ -387,7 +411,10 @@ def tracked_stage(stage: str) -> Callable:
         def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
             parent = _active_run.get()
             if parent is None and not config.tracking.backends:
-                return function(config, *args, **kwargs)
+                if stage != "train":
+                    return function(config, *args, **kwargs)
+                with following_training(config, None):
+                    return function(config, *args, **kwargs)
             name = _run_name(config, stage, parent)
             if parent is None:
                 run = TrackedRun(name, open_sinks(config.tracking, config.output_dir, name, stage))
@@ -398,9 +425,7 @@ def tracked_stage(stage: str) -> Callable:
             try:
                 run.log_params(config.to_dict())
                 if stage == "train":
-                    from lightreasoner_ray.config import join_path
-
-                    with MetricsFollower(run, join_path(config.output_dir, "train_metrics.jsonl")):
+                    with following_training(config, run):
                         result = function(config, *args, **kwargs)
                 else:
                     result = function(config, *args, **kwargs)
