@@ -54,6 +54,8 @@ def read_predictions(directory: str, label: str) -> dict[str, dict[str, dict[str
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise LightReasonerError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise LightReasonerError(f"{path}, line {number}: a prediction row must be a JSON object")
             missing = [key for key in ("id", "correct") if key not in row]
             if missing:
                 raise LightReasonerError(f"{path}, line {number}: prediction row lacks {', '.join(missing)}")

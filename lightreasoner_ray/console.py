@@ -26,6 +26,13 @@ from lightreasoner_ray import storage
 
 PACKAGE_LOGGER = "lightreasoner_ray"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Set (unless already set) for the processes started while quiet: they write to the log
+# anyway, and these keep it readable.
+QUIET_ENVIRON = {
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_DEDUP_LOGS": "1",
+}
 
 
 @dataclass
@@ -120,9 +127,9 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
     os.close(log_fd)
     # Child processes (Ray's raylet and workers started from here) inherit the log as their
     # stdout/stderr; these keep libraries that read them from adding more noise.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    saved_environ = {name: os.environ.get(name) for name in QUIET_ENVIRON}
+    for name, value in QUIET_ENVIRON.items():
+        os.environ.setdefault(name, value)
 
     root = logging.getLogger()
     previous_level = root.level
@@ -149,6 +156,11 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
         raise
     finally:
         _console = None
+        for name, value in saved_environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         logging.captureWarnings(False)
         root.removeHandler(file_handler)
         root.removeHandler(console_handler)

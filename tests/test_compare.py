@@ -96,3 +96,24 @@ def test_cli_compare_prints_the_table(evaluated):
     assert "| GSM8K | 6 | 50.0 | 66.7 | +16.7 | 2 | 1 |" in result.stdout
     assert "3 questions fixed, 1 broken" in result.stdout
     assert "logs in" in result.stderr and (evaluated["dir"] / "logs").is_dir()
+
+
+def test_cli_error_names_the_log_and_a_crash_prints_its_traceback(evaluated):
+    missing = subprocess.run(
+        [sys.executable, "-m", "lightreasoner_ray.cli", "compare", f"output_dir={evaluated['dir']}", "--after", "nothing"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "error: no predictions for 'nothing'" in missing.stderr and "full log: " in missing.stderr
+    log = missing.stderr.split("full log: ")[1].split(")")[0]
+    assert log.startswith(str(evaluated["dir"] / "logs" / "compare-"))
+    # An unexpected failure (here: a directory where a prediction file belongs) prints its traceback in full.
+    (evaluated["dir"] / "eval" / "lightreasoner" / "svamp.jsonl").unlink()
+    (evaluated["dir"] / "eval" / "lightreasoner" / "svamp.jsonl").mkdir()
+    crash = subprocess.run(
+        [sys.executable, "-m", "lightreasoner_ray.cli", "compare", f"output_dir={evaluated['dir']}"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert crash.returncode == 1
+    assert "Traceback (most recent call last)" in crash.stderr and "compare.py" in crash.stderr
+    assert "failed; the full log is" in crash.stderr
