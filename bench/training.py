@@ -1,16 +1,22 @@
-"""Training cost, packed vs one sequence per selected step, side by side on the same samples.
+"""Training cost: our packed layout vs the reference trainer's batching, side by side on the same samples.
 
     python bench/training.py [--trajectories 16] [--steps 20] [--completion-tokens 128] [--repeats 3]
 
-Both variants train the same model from the same weights on the same soft labels with
-the same loss, optimizer and micro-batch budget (8 selected steps, 2 accumulated):
-(1) packed: one forward pass per trajectory, the LM head applied at its selected
-positions only; (2) the reference trainer's layout: every selected step is its own
-sequence (prompt + completion prefix), 8 sequences a padded micro-batch. Prompts are
-real GSM8K questions through a ChatML template; completions have the paper's ratio of
-about 20 selected steps per 128 tokens. The two variants alternate, one epoch each from
-fresh weights, ``--repeats`` times (so a busy machine slows both alike); prints forward
-tokens and the median wall time per epoch, and their ratios.
+Every variant trains the same model from the same weights on the same soft labels with
+the same optimizer and update size (``--steps-per-update`` 16 selected steps, at most
+``--micro-batch-steps`` 8 per forward micro-batch, as the reference's 8 x grad-accum 2):
+(1) packed (this project's trainer, ``train_data.UpdatePlan``): selected steps of one
+trajectory share one forward pass, the LM head applied at the selected positions only;
+(2) the reference's batching (HKUDS/LightReasoner ``LightR_finetuning.py``, re-implemented
+for timing): every selected step its own sequence (prompt + completion prefix), 8
+sequences right-padded into one pass of the full model (logits at every position),
+the last real position gathered, dense vocabulary-sized soft labels, ``kl_div``
+batchmean; (3) the same one-sequence-per-step layout through our own loss (the LM
+head at the one selected position). Prompts are real GSM8K questions through a ChatML
+template; completions have the paper's ratio of about 20 selected steps per 128 tokens.
+The variants alternate, one epoch each from fresh weights, ``--repeats`` times (so a
+busy machine slows all alike); prints model calls, sequences, forward tokens and the
+median wall time per epoch, and ratios naming their baseline.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lightreasoner_ray.loss import SelectedStepLogits, step_kl
 from lightreasoner_ray.prompts import prompt_ids
 from lightreasoner_ray.tiny import TinyModelSpec, build_model, train_tokenizer
-from lightreasoner_ray.train_data import Trajectory, collate, one_step_trajectories, pack_trajectories
+from lightreasoner_ray.train_data import Trajectory, UpdatePlan, collate, one_step_trajectories
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks" / "gsm8k" / "train.jsonl"
 
@@ -57,27 +64,61 @@ def make_trajectories(tokenizer, questions: Sequence[str], steps: int, completio
     return trajectories
 
 
-def train_epoch(model, micro_batches: Iterable[list[Trajectory]], grad_accum: int, lr: float) -> dict[str, float]:
-    """One epoch of forward/backward/optimizer steps; returns token counts, time and the mean loss."""
+def reference_kl(model, batch: list[Trajectory], vocab_size: int) -> torch.Tensor:
+    """LightR_finetuning.py's loss on one micro-batch: one sequence per step, right-padded, full logits.
+
+    (The reference reads ``logits[:, -1]``, a padding position for all but the longest
+    sequence; the last real position is read here: the same cost, the intended maths.)
+    """
+    sequences = [torch.tensor(t.input_ids[: t.positions[0] + 1]) for t in batch]
+    input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=0)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(q) for q in sequences], batch_first=True)
+    labels = torch.zeros(len(batch), vocab_size)
+    for row, t in enumerate(batch):
+        labels[row, list(t.target_ids[0])] = torch.tensor(t.target_probs[0])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    last = torch.tensor([len(q) - 1 for q in sequences])
+    log_probs = F.log_softmax(logits[torch.arange(len(batch)), last, :vocab_size].float(), dim=-1)
+    return F.kl_div(log_probs, labels, reduction="batchmean")
+
+
+def train_epoch(model, updates: list[list[list[Trajectory]]], lr: float, layout: str) -> dict[str, float]:
+    """One epoch of updates (each a list of micro-batches); returns counts, time and the mean loss."""
     wrapped = SelectedStepLogits(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batches = [collate(trajectories, pad_id=0) for trajectories in micro_batches]
-    real_tokens = sum(b.forward_tokens for b in batches)
-    padded_tokens = sum(b.input_ids.numel() for b in batches)
-    steps = sum(b.num_steps for b in batches)
+    vocab_size = model.config.vocab_size
+    micro_batches = [batch for update in updates for batch in update]
+    collated = [collate(batch, pad_id=0) for batch in micro_batches] if layout != "reference" else []
+    if layout == "reference":
+        lengths = [[t.positions[0] + 1 for t in batch] for batch in micro_batches]
+        real_tokens = sum(sum(batch) for batch in lengths)
+        padded_tokens = sum(max(batch) * len(batch) for batch in lengths)
+    else:
+        real_tokens = sum(b.forward_tokens for b in collated)
+        padded_tokens = sum(b.input_ids.numel() for b in collated)
+    steps = sum(t.num_steps for batch in micro_batches for t in batch)
     loss_sum = 0.0
     started = time.perf_counter()
-    for index, batch in enumerate(batches):
-        kl = step_kl(wrapped, batch)
-        (kl.mean() / grad_accum).backward()
-        loss_sum += kl.detach().sum().item()
-        if (index + 1) % grad_accum == 0 or index == len(batches) - 1:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    index = 0
+    for update in updates:
+        update_steps = sum(t.num_steps for batch in update for t in batch)
+        for batch in update:
+            if layout == "reference":
+                kl = reference_kl(model, batch, vocab_size)  # a mean over the batch's steps
+                batch_steps = len(batch)
+                (kl * batch_steps / update_steps).backward()
+                loss_sum += kl.item() * batch_steps
+            else:
+                kl = step_kl(wrapped, collated[index])
+                (kl.sum() / update_steps).backward()
+                loss_sum += kl.detach().sum().item()
+            index += 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"forward_tokens": real_tokens, "padded_tokens": padded_tokens, "forward_passes": sum(
-        b.input_ids.shape[0] for b in batches), "micro_batches": len(batches), "steps": steps, "seconds": seconds,
-        "mean_loss": loss_sum / steps}
+    return {"forward_tokens": real_tokens, "padded_tokens": padded_tokens, "model_calls": len(micro_batches),
+            "sequences": sum(len(batch) for batch in micro_batches), "updates": len(updates), "steps": steps,
+            "seconds": seconds, "mean_loss": loss_sum / steps}
 
 
 def initial_loss(model, micro_batches: Iterable[list[Trajectory]]) -> float:
@@ -87,6 +128,12 @@ def initial_loss(model, micro_batches: Iterable[list[Trajectory]]) -> float:
     return values.mean().item()
 
 
+def reference_initial_loss(model, micro_batches: Iterable[list[Trajectory]]) -> float:
+    with torch.no_grad():
+        losses = [(reference_kl(model, batch, model.config.vocab_size).item(), len(batch)) for batch in micro_batches]
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trajectories", type=int, default=16)
@@ -94,7 +141,7 @@ def main() -> None:
     parser.add_argument("--completion-tokens", type=int, default=128)
     parser.add_argument("--support", type=int, default=4, help="tokens in each soft label")
     parser.add_argument("--micro-batch-steps", type=int, default=8)
-    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps-per-update", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
@@ -119,41 +166,60 @@ def main() -> None:
           f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens; model {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, vocabulary {len(tokenizer)}; {args.threads} CPU threads")
 
-    def packed_batches(epoch: int) -> list[list[Trajectory]]:
-        order = random.Random(args.seed + epoch).sample(trajectories, len(trajectories))
-        return list(pack_trajectories(order, args.micro_batch_steps))
+    def packed_updates(epoch: int) -> list[list[list[Trajectory]]]:
+        plan = UpdatePlan(trajectories, args.steps_per_update, 1, args.micro_batch_steps, seed=args.seed + epoch)
+        return [plan.micro_batches(update, 0) for update in range(1, plan.steps_per_epoch // args.steps_per_update + 1)]
 
-    def per_step_batches(epoch: int) -> list[list[Trajectory]]:
+    def per_step_updates(epoch: int) -> list[list[list[Trajectory]]]:
+        # The reference's data loader: all selected steps shuffled, 8 a batch, 2 batches an update.
         order = random.Random(args.seed + epoch).sample(singles, len(singles))
-        return [order[i: i + args.micro_batch_steps] for i in range(0, len(order), args.micro_batch_steps)]
+        per_update = len(order) // args.steps_per_update
+        return [
+            [order[start + i: start + min(i + args.micro_batch_steps, args.steps_per_update)]
+             for i in range(0, args.steps_per_update, args.micro_batch_steps)]
+            for start in range(0, per_update * args.steps_per_update, args.steps_per_update)
+        ]
 
-    before_packed = initial_loss(model, packed_batches(0))
-    before_per_step = initial_loss(model, per_step_batches(0))
-    print(f"initial mean KL over all steps: packed {before_packed:.6f}, one sequence per step {before_per_step:.6f}")
+    def flat(updates):
+        return [batch for update in updates for batch in update]
 
-    # Warm-up (allocator, kernels) on a throwaway copy so both variants start alike.
-    train_epoch(copy.deepcopy(model), packed_batches(0)[:2], args.grad_accum, 1e-4)
-    train_epoch(copy.deepcopy(model), per_step_batches(0)[:2], args.grad_accum, 1e-4)
+    before = {
+        "packed": initial_loss(model, flat(packed_updates(0))),
+        "reference batching": reference_initial_loss(model, flat(per_step_updates(0))),
+        "one sequence per step": initial_loss(model, flat(per_step_updates(0))),
+    }
+    print("initial mean KL over all steps: " + ", ".join(f"{name} {value:.6f}" for name, value in before.items()))
+    assert max(before.values()) - min(before.values()) <= 1e-4 * max(before.values()), "the layouts must agree on the loss"
 
-    runs: dict[str, list[dict[str, float]]] = {"packed": [], "one sequence per step": []}
+    variants = (("packed", packed_updates, "packed"), ("reference batching", per_step_updates, "reference"),
+                ("one sequence per step", per_step_updates, "per_step"))
+    # Warm-up (allocator, kernels) on a throwaway copy so every variant starts alike.
+    for _name, updates, layout in variants:
+        train_epoch(copy.deepcopy(model), updates(0)[:1], 1e-4, layout)
+
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     for repeat in range(args.repeats):
-        for name, batches in (("packed", packed_batches), ("one sequence per step", per_step_batches)):
-            runs[name].append(train_epoch(copy.deepcopy(model), batches(repeat), args.grad_accum, 1e-4))
+        for name, updates, layout in variants:
+            runs[name].append(train_epoch(copy.deepcopy(model), updates(repeat), 1e-4, layout))
     results = {name: {**epochs[0], "seconds": statistics.median(e["seconds"] for e in epochs)}
                for name, epochs in runs.items()}
 
-    header = f"{'per epoch (median)':<24}{'forward passes':>16}{'forward tokens':>16}{'padded tokens':>15}{'wall time':>12}{'steps/s':>10}"
+    header = (f"{'per epoch (median)':<24}{'updates':>9}{'model calls':>13}{'sequences':>11}{'forward tokens':>16}"
+              f"{'padded tokens':>15}{'wall time':>12}{'steps/s':>10}")
     print(header)
     for name, r in results.items():
-        print(f"{name:<24}{r['forward_passes']:>16,.0f}{r['forward_tokens']:>16,.0f}{r['padded_tokens']:>15,.0f}"
-              f"{r['seconds']:>11.2f}s{r['steps'] / r['seconds']:>10.1f}")
+        print(f"{name:<24}{r['updates']:>9,.0f}{r['model_calls']:>13,.0f}{r['sequences']:>11,.0f}"
+              f"{r['forward_tokens']:>16,.0f}{r['padded_tokens']:>15,.0f}{r['seconds']:>11.2f}s"
+              f"{r['steps'] / r['seconds']:>10.1f}")
     for name, epochs in runs.items():
         times = ", ".join(f"{epoch['seconds']:.2f}s" for epoch in epochs)
         print(f"  {name}: epoch times {times}")
-    packed, per_step = results["packed"], results["one sequence per step"]
-    print(f"packed: {per_step['forward_tokens'] / packed['forward_tokens']:.1f}x fewer forward tokens "
-          f"({per_step['padded_tokens'] / packed['padded_tokens']:.1f}x counting padding), "
-          f"{per_step['seconds'] / packed['seconds']:.1f}x faster per epoch")
+    packed = results["packed"]
+    for baseline in ("reference batching", "one sequence per step"):
+        other = results[baseline]
+        print(f"packed vs {baseline}: {other['forward_tokens'] / packed['forward_tokens']:.1f}x fewer forward tokens "
+              f"({other['padded_tokens'] / packed['padded_tokens']:.1f}x counting padding), "
+              f"{other['seconds'] / packed['seconds']:.1f}x faster per epoch")
 
 
 if __name__ == "__main__":
