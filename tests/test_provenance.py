@@ -281,9 +281,13 @@ def test_stale_checkpoints_models_and_predictions_are_continued_recomputed_or_re
     code, error = _lightreasoner(capsys, "train", *args("train.max_steps=4", "train.lora.r=4"))
     assert code == 2 and "train.lora.r: 8 -> 4" in error
 
-    assert _lightreasoner(capsys, "train", "--restart", *args("train.max_steps=2", "sampling.beta=0.2"))[0] == 0
+    # `run --restart` starts every stage over: samples again, trains from scratch, evaluates both tags afresh.
+    assert _lightreasoner(capsys, "run", "--restart", *args("train.max_steps=2", "sampling.beta=0.2"))[0] == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 0 and summary["steps"] == 2
+    restarted = json.loads((out / "report.json").read_text())["results"]["models"]
+    assert restarted["baseline"]["run"]["shards_generated"] == restarted["lightreasoner"]["run"]["shards_generated"] == 1
+    assert restarted["lightreasoner"]["trained_step"] == 2
     assert [row["step"] for row in _metrics(out)] == [1, 2]
     record = json.loads((out / "model" / PROVENANCE_FILE).read_text())
     assert record["step"] == 2
