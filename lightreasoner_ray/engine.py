@@ -205,7 +205,11 @@ def require_vllm(key: str = "engine") -> None:
     """Fail before any work when vLLM is asked for but not installed."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a broken install
+        found = False
+    if not found:
         raise LightReasonerError(f"{key}=vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}")
 
 

@@ -161,6 +161,12 @@ class VLLMEngine:
     def room(self, prompt_length: int) -> int:
         return min(self.spec.max_new_tokens, self.context - prompt_length)
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now (an actor's exit stops it too)."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+
     def sampling_params(self, max_tokens: int) -> Any:
         from vllm import SamplingParams
 
