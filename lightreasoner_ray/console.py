@@ -12,6 +12,7 @@ shown live, as before.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -73,14 +74,22 @@ def training_progress(max_steps: int) -> Iterator[Optional[Callable[[dict], None
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=max_steps, desc="training updates", unit="update", file=_console.err) as bar:
-        def update(row: dict) -> None:
-            bar.n = min(int(row["step"]), max_steps)
-            if isinstance(row.get("loss"), (int, float)):
-                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            bar.refresh()
+    bars: list = []  # drawn at the first update, after the stage's own start-up lines
 
+    def update(row: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=max_steps, desc="training updates", unit="update", file=_console.err))
+        bar = bars[0]
+        bar.n = min(int(row["step"]), max_steps)
+        if isinstance(row.get("loss"), (int, float)):
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
         yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def log_dir_for(output_dir: str) -> Path:
@@ -90,11 +99,40 @@ def log_dir_for(output_dir: str) -> Path:
     return Path(output_dir, "logs")
 
 
+# How many stage functions deep the driver is: `run` and `demo` are 1, the stages they call 2.
+_stage_depth: contextvars.ContextVar[int] = contextvars.ContextVar("lightreasoner_stage_depth", default=0)
+
+
+@contextlib.contextmanager
+def stage_scope() -> Iterator[None]:
+    """Entered by every stage function (tracking.tracked_stage), so the console knows what is nested."""
+    token = _stage_depth.set(_stage_depth.get() + 1)
+    try:
+        yield
+    finally:
+        _stage_depth.reset(token)
+
+
 class _ConsoleFilter(logging.Filter):
-    """This package's records from the driver, INFO and up; workers' records reach the log through Ray."""
+    """This package's records from the driver (workers' reach the log through Ray): warnings and errors
+    always, INFO from the command itself and not from the stages a pipeline runs (their bars show them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name == PACKAGE_LOGGER or record.name.startswith(PACKAGE_LOGGER + ".")
+        if not (record.name == PACKAGE_LOGGER or record.name.startswith(PACKAGE_LOGGER + ".")):
+            return False
+        return record.levelno >= logging.WARNING or _stage_depth.get() <= 1
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes between progress-bar redraws (tqdm.write), so a line never lands inside a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 @contextlib.contextmanager
@@ -131,11 +169,12 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
     for name, value in QUIET_ENVIRON.items():
         os.environ.setdefault(name, value)
 
+    ray_was_running = _ray_is_running()
     root = logging.getLogger()
     previous_level = root.level
     file_handler = logging.StreamHandler(sys.stderr)  # fd 2: the log file
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    console_handler = logging.StreamHandler(console.err)
+    console_handler = _ConsoleHandler(console.err)
     console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     console_handler.addFilter(_ConsoleFilter())
     console_handler.setLevel(level.upper())
@@ -155,6 +194,12 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
             console.err.write(f"lightreasoner {command}: failed; the full log is {log_path}\n")
         raise
     finally:
+        if not ray_was_running and _ray_is_running():
+            # Ray started here: stop it while fd 2 is still the log, or the worker lines it has
+            # yet to forward would print on the terminal at exit.
+            import ray
+
+            ray.shutdown()
         _console = None
         for name, value in saved_environ.items():
             if value is None:
@@ -173,6 +218,11 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
         os.close(saved_err)
         console.out.close()
         console.err.close()
+
+
+def _ray_is_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def _is_user_error(exc: BaseException) -> bool:

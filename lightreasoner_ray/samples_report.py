@@ -14,6 +14,7 @@ for every sampled position, and the samples' format stays as it is).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
@@ -40,6 +41,7 @@ def run_inspect(config: Config, max_trajectories: int = MAX_TRAJECTORIES) -> dic
     from lightreasoner_ray.console import echo
 
     rows = read_samples(config.samples_dir)
+    config = as_sampled(config)
     shown = rows[:max_trajectories]
     tokenizer, top = top_tokens_for(config, shown)
     page_data = build_page_data(config, rows, shown, tokenizer, top)
@@ -49,6 +51,26 @@ def run_inspect(config: Config, max_trajectories: int = MAX_TRAJECTORIES) -> dic
     echo(f"samples report: {path} ({len(shown)} of {len(rows)} trajectories shown, selection ratio "
          f"{stats['selection_ratio']:.3f} at beta {stats['beta']})")
     return {"path": path, **page_data}
+
+
+def as_sampled(config: Config) -> Config:
+    """The config with the models, alpha and beta the samples were made with (samples_summary.json),
+    so that the page tells what the samples hold, and ``inspect output_dir=D`` needs no model paths."""
+    path = join_path(config.output_dir, "samples_summary.json")
+    if not storage.exists(path):
+        if not config.expert.path or not config.amateur.path:
+            raise LightReasonerError(f"{path} is missing: give expert.path and amateur.path")
+        return config
+    summary = storage.read_json(path)
+    sampled = summary.get("config", {}).get("sampling", {})
+    models = summary.get("models", {})
+    return dataclasses.replace(
+        config,
+        expert=dataclasses.replace(config.expert, path=config.expert.path or models.get("expert", "")),
+        amateur=dataclasses.replace(config.amateur, path=config.amateur.path or models.get("amateur", "")),
+        sampling=dataclasses.replace(config.sampling, alpha=sampled.get("alpha", config.sampling.alpha),
+                                     beta=sampled.get("beta", config.sampling.beta)),
+    )
 
 
 def read_samples(samples_dir: str) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 from lightreasoner_ray import storage
+from lightreasoner_ray.console import stage_scope
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
@@ -411,9 +412,7 @@ def tracked_stage(stage: str) -> Callable:
         def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
             parent = _active_run.get()
             if parent is None and not config.tracking.backends:
-                if stage != "train":
-                    return function(config, *args, **kwargs)
-                with following_training(config, None):
+                with stage_scope(), following_training(config, None) if stage == "train" else contextlib.nullcontext():
                     return function(config, *args, **kwargs)
             name = _run_name(config, stage, parent)
             if parent is None:
@@ -424,10 +423,7 @@ def tracked_stage(stage: str) -> Callable:
             failed = True
             try:
                 run.log_params(config.to_dict())
-                if stage == "train":
-                    with following_training(config, run):
-                        result = function(config, *args, **kwargs)
-                else:
+                with stage_scope(), following_training(config, run) if stage == "train" else contextlib.nullcontext():
                     result = function(config, *args, **kwargs)
                 metrics, artefacts = _stage_outputs(stage, config, result or {})
                 run.log_metrics(metrics)

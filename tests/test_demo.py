@@ -5,26 +5,42 @@ from __future__ import annotations
 import json
 import re
 
+import pyarrow.parquet as pq
 import pytest
 
-from lightreasoner_ray.demo import demo_config, run_demo
+from lightreasoner_ray import cli
+from lightreasoner_ray.demo import demo_markdown
 from lightreasoner_ray.toy import parse_solution
 
 pytestmark = pytest.mark.slow
 
+DEMO_CONSOLE_LINES = 50
 
-def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local):
+
+def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
     monkeypatch.setenv("LIGHTREASONER_CACHE", str(tmp_path / "cache"))
     output_dir = tmp_path / "demo"
-    config = demo_config([
+    overrides = [
         # The quick pair is barely trained: its KL is ~0.1 at every position, so beta sits just below.
         "demo.quick=true", "demo.seeds=[0]", "sampling.beta=0.1", "demo.train_problems=12", "demo.test_problems=10", "train.max_steps=2",
         "train.checkpoint_every=2", "sampling.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={output_dir}",
-    ])
-    report = run_demo(config)
+                # The quick pair writes mostly noise: 16 samples a problem at temperature 1 give a few whose
+        # answer (here its last number) is the gold one.
+        "demo.rounds=2", "demo.rejection_samples=16", "demo.rejection_temperature=1.0",
+    ]
+    # Through the command line, as a user runs it: the console fits on a screen and ends with the
+    # table (lines end in "\n"; a progress bar redraws its line with "\r"); the rest is in logs/.
+    assert cli.main(["demo", *overrides]) == 0
+    console = capfd.readouterr()
+    report = json.loads((output_dir / "demo_results.json").read_text())
+    lines = (console.err + console.out).rstrip("\n").split("\n")
+    assert len(lines) <= DEMO_CONSOLE_LINES, console.err + console.out
+    assert console.out.rstrip().endswith(demo_markdown(report).rstrip())
+    assert "logs in " in console.err and list((output_dir / "logs").glob("demo-*.log"))
 
     rows = {row["model"]: row for row in report["rows"]}
-    assert list(rows) == ["amateur", "expert", "lightreasoner", "sft", "random_steps"]
+    assert list(rows) == ["amateur", "expert", "lightreasoner", "lightreasoner_round2", "rejection_sft", "sft",
+                          "random_steps"]
     for row in rows.values():
         assert 0.0 <= row["accuracy_mean"] <= 1.0
     # The random-step control tunes exactly as many positions as LightReasoner ...
@@ -34,7 +50,31 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local):
     assert all(rows[name]["problems_used"] == 12 for name in ("lightreasoner", "sft", "random_steps"))
     evaluation = report["evaluation"]["models"]
     assert {tag: model["benchmarks"]["toy"]["n"] for tag, model in evaluation.items()} == {
-        "amateur": 10, "expert": 10, "lightreasoner-seed0": 10, "sft-seed0": 10, "random_steps-seed0": 10}
+        "amateur": 10, "expert": 10, "lightreasoner-seed0": 10, "lightreasoner_round2-seed0": 10,
+        "rejection_sft-seed0": 10, "sft-seed0": 10, "random_steps-seed0": 10}
+    # Rejection-sampling SFT trains on the expert's sampled solutions whose answer is the gold one,
+    # checked here against the gold answers with a plain regex (the boxed, else the last number), not the grading module.
+    rejection = report["rejection_sampling"]
+    assert rejection["sampled"] == 12 * 16 and rejection["kept"] == rows["rejection_sft"]["solutions_kept"] > 0
+    from lightreasoner_ray.toy import boxed_answer
+    from lightreasoner_ray.toy.pair import _load
+    _, tokenizer = _load(report["toy_pair"]["expert"])
+    gold = {row["id"]: row for row in map(json.loads, (output_dir / "data" / "toy_train.jsonl").read_text().splitlines())}
+    kept = pq.read_table(output_dir / "rejection" / "samples").to_pylist()
+    assert len(kept) == rejection["kept"] and len({(r["problem_id"].split("#")[0], tuple(r["completion_ids"])) for r in kept}) == len(kept)
+    for row in kept:
+        text = tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+        answer = boxed_answer(text) or re.findall(r"\d+", text)[-1]
+        assert answer == gold[row["problem_id"].split("#")[0]]["answer"]
+        assert row["target_ids"] == [[t] for t in row["completion_ids"]] and row["steps"] == list(range(len(row["completion_ids"])))
+    assert rows["rejection_sft"]["tuned_tokens"] == sum(len(r["completion_ids"]) for r in kept)
+    # Round 2: the seed's round-1 model, merged, sampled 12 fresh problems (not round 1's) with KL > beta.
+    round_two = output_dir / "lightreasoner-seed0-round2"
+    summary = json.loads((round_two / "samples_summary.json").read_text())
+    assert summary["models"]["expert"] == str(output_dir / "lightreasoner-seed0" / "merged")
+    round_ids = set(pq.read_table(round_two / "samples", columns=["problem_id"]).column("problem_id").to_pylist())
+    assert len(round_ids) == 12 and not round_ids & set(gold)
+    assert rows["lightreasoner_round2"]["tuned_tokens"] == summary["counts"]["selected_steps"] > 0
     # Hasty slips, recomputed from the evaluator's predictions: of the held-out problems whose
     # last step doubles or triples, the share answered with the value before that step.
     test_rows = [json.loads(line) for line in (output_dir / "data" / "toy" / "test.jsonl").read_text().splitlines()]
