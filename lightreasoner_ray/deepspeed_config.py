@@ -13,6 +13,7 @@ from typing import Any
 
 from lightreasoner_ray.config import TrainConfig
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.train_data import micro_batches_per_update
 
 
 def check_supported(train: TrainConfig, expert_dtype: str) -> None:
@@ -55,13 +56,17 @@ def use_bf16(device_type: str, expert_dtype: str) -> bool:
     return bool(torch.cuda.is_bf16_supported())
 
 
-def deepspeed_config(train: TrainConfig, bf16: bool, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config dict for one run.
+def deepspeed_config(train: TrainConfig, bf16: bool, on_gpu: bool, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for one run on ``world_size`` ranks (default ``train.num_workers``).
 
-    Each micro-batch is one padded batch of whole trajectories, so DeepSpeed's
-    "micro batch size" is only bookkeeping (1); the loss normalisation across
+    Each micro-batch is one padded batch of trajectory pieces, so DeepSpeed's "micro
+    batch size" is only bookkeeping (1). Its gradient accumulation is the number of
+    micro-batches every rank runs per update, which ``train.steps_per_update``,
+    the world size and ``train.micro_batch_steps`` fix; the loss normalisation across
     micro-batches and ranks is done by the training loop (see ``loss.update_loss_scale``).
     """
+    grad_accum = micro_batches_per_update(train.steps_per_update, world_size or train.num_workers,
+                                          train.micro_batch_steps)
     stage = train.deepspeed.stage
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
@@ -73,7 +78,7 @@ def deepspeed_config(train: TrainConfig, bf16: bool, on_gpu: bool) -> dict[str, 
             zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

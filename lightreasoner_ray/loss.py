@@ -80,7 +80,9 @@ def update_loss_scale(world_size: int, grad_accum: int, update_steps: int) -> fl
     """The factor that turns a micro-batch's KL *sum* into the loss handed to DeepSpeed.
 
     An update's loss is the mean KL over all ``update_steps`` selected steps that all
-    workers train in it. DeepSpeed divides each micro-batch loss by ``grad_accum``
+    workers train in it (``train.steps_per_update``). ``grad_accum`` is the number of
+    micro-batches every rank runs per update (DeepSpeed's gradient_accumulation_steps,
+    placeholders included). DeepSpeed divides each micro-batch loss by ``grad_accum``
     and averages gradients over ``world_size`` ranks, so the update's gradient is
     (1 / (world_size * grad_accum)) * sum of micro-batch gradients; scaling each
     micro-batch's KL sum by world_size * grad_accum / update_steps makes it exactly

@@ -6,9 +6,17 @@ sparse soft label v_C at each of them. For a samples row, completion step t is
 predicted at position len(prompt_ids) - 1 + t; a step t == len(completion_ids)
 labels the position after the completion (used by imported reference samples).
 
-Micro-batches are filled with whole trajectories in a seeded order, epoch after
-epoch, so a worker's stream of micro-batches is a pure function of its trajectories
-and the seed: resuming at update k means skipping k * grad_accum micro-batches.
+Updates (``UpdatePlan``): every epoch is one seeded shuffle of all trajectories, read
+as a sequence of selected steps; epochs follow each other without a break, and update
+k trains global steps [(k-1)N, kN) of that endless sequence, N = steps_per_update. So
+every update has exactly N steps and every step is trained exactly once per epoch; an
+update may end in the next epoch. Each update's steps are cut into one contiguous share
+per rank (sizes differ by at most one), and each share is packed into micro-batches of
+at most micro_batch_steps steps, splitting a trajectory where a micro-batch is full
+(each piece is one forward pass over the prefix it needs). Every rank runs the same
+number of micro-batches per update (padding with weightless placeholders). The plan is
+a pure function of the trajectories, the seed, N, the number of ranks and the
+micro-batch cap, so resuming at update k needs nothing but k.
 
 Also here: checking samples files before any worker starts (naming file, row and
 field), and importing the reference implementation's one-row-per-step JSONL.
@@ -122,23 +130,101 @@ def pack_trajectories(trajectories: Iterable[Trajectory], micro_batch_steps: int
         yield current
 
 
-def micro_batch_stream(
-    trajectories: Sequence[Trajectory], micro_batch_steps: int, seed: int
-) -> Iterator[tuple[int, list[Trajectory]]]:
-    """Endless ``(epoch, micro-batch)`` pairs: each epoch is a seeded shuffle of all trajectories, packed.
+def trajectory_piece(trajectory: Trajectory, start: int, stop: int) -> Trajectory:
+    """Selected steps ``start:stop`` of a trajectory, with only the prefix their positions need."""
+    positions = trajectory.positions[start:stop]
+    if start == 0 and stop >= trajectory.num_steps:
+        return trajectory
+    return Trajectory(
+        input_ids=trajectory.input_ids[: max(positions) + 1],
+        positions=positions,
+        target_ids=trajectory.target_ids[start:stop],
+        target_probs=trajectory.target_probs[start:stop],
+        problem_id=trajectory.problem_id,
+    )
 
-    Deterministic for a given set of trajectories and seed, whatever order they came in.
+
+def micro_batches_per_update(steps_per_update: int, world_size: int, micro_batch_steps: int) -> int:
+    """Micro-batches every rank runs per update: the largest rank share, packed full but for the last."""
+    largest_share = -(-steps_per_update // world_size)
+    return max(1, -(-largest_share // micro_batch_steps))
+
+
+class UpdatePlan:
+    """Which selected steps each rank trains in each update, in which micro-batches (see the module doc).
+
+    ``micro_batches(update, rank)`` is a list of ``micro_batches_per_rank`` micro-batches,
+    each a list of trajectory pieces; an empty list means a placeholder micro-batch.
+    Updates count from 1. Input order of the trajectories does not matter.
     """
-    ordered = sorted(trajectories, key=Trajectory.sort_key)
-    if not ordered:
-        return
-    epoch = 0
-    while True:
-        order = list(ordered)
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for micro_batch in pack_trajectories(order, micro_batch_steps):
-            yield epoch, micro_batch
-        epoch += 1
+
+    def __init__(
+        self,
+        trajectories: Sequence[Trajectory],
+        steps_per_update: int,
+        world_size: int,
+        micro_batch_steps: int,
+        seed: int,
+    ) -> None:
+        if min(steps_per_update, world_size, micro_batch_steps) <= 0:
+            raise ValueError("steps_per_update, world_size and micro_batch_steps must be positive")
+        self.trajectories = sorted((t for t in trajectories if t.num_steps), key=Trajectory.sort_key)
+        self.steps_per_epoch = sum(t.num_steps for t in self.trajectories)
+        if not self.steps_per_epoch:
+            raise ValueError("an update plan needs at least one selected step")
+        self.steps_per_update = steps_per_update
+        self.world_size = world_size
+        self.micro_batch_steps = micro_batch_steps
+        self.seed = seed
+        self.micro_batches_per_rank = micro_batches_per_update(steps_per_update, world_size, micro_batch_steps)
+        self._epochs: dict[int, tuple[list[int], np.ndarray]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[list[int], np.ndarray]:
+        """The epoch's trajectory order and where each trajectory's steps start in it."""
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 4:
+                self._epochs.pop(min(self._epochs))
+            order = list(range(len(self.trajectories)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            counts = np.fromiter((self.trajectories[i].num_steps for i in order), dtype=np.int64, count=len(order))
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            self._epochs[epoch] = (order, starts)
+        return self._epochs[epoch]
+
+    def pieces(self, start: int, stop: int) -> list[Trajectory]:
+        """Global steps ``start:stop`` of the endless epoch-after-epoch sequence, as trajectory pieces."""
+        pieces: list[Trajectory] = []
+        position = start
+        while position < stop:
+            epoch, offset = divmod(position, self.steps_per_epoch)
+            order, starts = self._epoch(epoch)
+            slot = int(np.searchsorted(starts, offset, side="right")) - 1
+            trajectory = self.trajectories[order[slot]]
+            first = offset - int(starts[slot])
+            last = min(trajectory.num_steps, first + stop - position)
+            pieces.append(trajectory_piece(trajectory, first, last))
+            position += last - first
+        return pieces
+
+    def epoch_of(self, update: int) -> int:
+        """The epoch (from 0) that the update's last step belongs to."""
+        return (update * self.steps_per_update - 1) // self.steps_per_epoch
+
+    def rank_share(self, update: int, rank: int) -> tuple[int, int]:
+        """Global step range ``[start, stop)`` that ``rank`` trains in ``update``."""
+        if update < 1 or not 0 <= rank < self.world_size:
+            raise ValueError(f"no update {update} / rank {rank} in a plan for {self.world_size} ranks")
+        base, extra = divmod(self.steps_per_update, self.world_size)
+        first = (update - 1) * self.steps_per_update + rank * base + min(rank, extra)
+        return first, first + base + (1 if rank < extra else 0)
+
+    def micro_batches(self, update: int, rank: int) -> list[list[Trajectory]]:
+        start, stop = self.rank_share(update, rank)
+        batches: list[list[Trajectory]] = []
+        for batch_start in range(start, stop, self.micro_batch_steps):
+            batches.append(self.pieces(batch_start, min(stop, batch_start + self.micro_batch_steps)))
+        batches.extend([] for _ in range(self.micro_batches_per_rank - len(batches)))
+        return batches
 
 
 @dataclass

@@ -9,10 +9,21 @@ from conftest import REPO_ROOT
 def test_defaults_follow_the_paper():
     config = load_config(None, [])
     assert (config.sampling.alpha, config.sampling.beta, config.sampling.max_new_tokens) == (0.2, 0.4, 128)
-    assert (config.train.lr, config.train.micro_batch_steps, config.train.grad_accum, config.train.max_steps) == (5e-5, 8, 2, 1000)
+    assert (config.train.lr, config.train.steps_per_update, config.train.micro_batch_steps, config.train.max_steps) == (5e-5, 16, 8, 1000)
     assert (config.train.lora.r, config.train.lora.alpha, config.train.lora.dropout) == (8, 16, 0.05)
     assert config.train.lora.target_modules == ["q_proj", "v_proj"]
     assert config.data.limit == 1000
+
+
+def test_grad_accum_is_refused_with_what_to_set_instead():
+    with pytest.raises(LightReasonerError) as error:
+        load_config(None, ["train.grad_accum=2"])
+    assert "train.grad_accum is no longer a setting" in str(error.value)
+    assert "train.steps_per_update=16" in str(error.value)
+    with pytest.raises(LightReasonerError, match="train.steps_per_update=4 is smaller than train.num_workers=8"):
+        load_config(None, ["train.steps_per_update=4", "train.num_workers=8"])
+    with pytest.raises(LightReasonerError, match="train.steps_per_update must be > 0"):
+        load_config(None, ["train.steps_per_update=0"])
 
 
 def test_yaml_and_dotted_overrides():

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lightreasoner_ray.loss import SelectedStepLogits, sparse_kl_divergence, step_kl, update_loss_scale
-from lightreasoner_ray.train_data import collate, one_step_trajectories, trajectory_from_row
+from lightreasoner_ray.train_data import (
+    UpdatePlan,
+    collate,
+    one_step_trajectories,
+    placeholder_micro_batch,
+    trajectory_from_row,
+)
 
 VOCAB = 97
 PAD_ID = 0
@@ -147,6 +153,50 @@ def test_update_scale_makes_the_update_gradient_the_mean_over_all_its_steps():
 
     model.zero_grad()
     step_kl(wrapped, collate(trajectories, PAD_ID)).mean().backward()
+    assert_same_gradients(simulated, gradients(model))
+
+
+@pytest.mark.parametrize("world_size, micro_batch_steps", [(1, 4), (3, 2)])
+def test_a_planned_update_split_across_ranks_and_micro_batches_has_the_gradient_of_one_sequence_per_step(
+    world_size, micro_batch_steps
+):
+    """An UpdatePlan update (trajectories cut into pieces across ranks and micro-batches, placeholders
+    included, DeepSpeed's scaling simulated) against the oracle: each of the update's N steps run as
+    its own sequence over prompt + completion[:t], the mean of their KLs."""
+    model = tiny_model(3)
+    wrapped = SelectedStepLogits(model)
+    rows = sample_rows(8, seed=11)
+    plan = UpdatePlan([trajectory_from_row(row) for row in rows], steps_per_update=13, world_size=world_size,
+                      micro_batch_steps=micro_batch_steps, seed=5)
+    update = 2
+    shares = [plan.micro_batches(update, rank) for rank in range(world_size)]
+    pieces = [piece for share in shares for batch in share for piece in batch]
+    assert len({piece.problem_id for piece in pieces}) < len(pieces)  # some trajectory is split in this update
+    grad_accum = plan.micro_batches_per_rank
+    assert all(len(share) == grad_accum for share in shares)
+    scale = update_loss_scale(world_size, grad_accum, 13)
+
+    model.zero_grad()
+    for share in shares:
+        for batch in share:
+            micro_batch = collate(batch, PAD_ID) if batch else placeholder_micro_batch(PAD_ID)
+            loss = step_kl(wrapped, micro_batch).sum() * scale
+            (loss / grad_accum / world_size).backward()  # DeepSpeed's scaling and rank averaging
+    simulated = gradients(model)
+
+    by_id = {row["problem_id"]: row for row in rows}
+    model.zero_grad()
+    oracle = []
+    for piece in pieces:
+        row = by_id[piece.problem_id]
+        for position in piece.positions:
+            t = position - (len(row["prompt_ids"]) - 1)
+            step = row["steps"].index(t)
+            single = {**row, "steps": [t], "target_ids": [row["target_ids"][step]],
+                      "target_probs": [row["target_probs"][step]]}
+            oracle.append(oracle_kl(model, single))
+    assert len(oracle) == 13
+    torch.cat(oracle).mean().backward()
     assert_same_gradients(simulated, gradients(model))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
@@ -14,10 +13,11 @@ from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.sampler import SAMPLES_SCHEMA
 from lightreasoner_ray.train_data import (
     Trajectory,
+    UpdatePlan,
     check_samples,
     check_samples_table,
     collate,
-    micro_batch_stream,
+    micro_batches_per_update,
     pack_trajectories,
     placeholder_micro_batch,
     reference_rows,
@@ -66,18 +66,82 @@ def test_packing_keeps_trajectories_whole_within_the_budget():
         assert sum(t.num_steps for t in batch) <= 8 or len(batch) == 1
 
 
-def test_stream_is_seeded_covers_every_trajectory_each_epoch_and_ignores_input_order():
-    trajectories = [synthetic(n, str(i)) for i, n in enumerate([3, 1, 4, 1, 5, 9, 2, 6])]
-    first = list(itertools.islice(micro_batch_stream(trajectories, 6, seed=3), 30))
-    shuffled = random.Random(0).sample(trajectories, len(trajectories))
-    assert first == list(itertools.islice(micro_batch_stream(shuffled, 6, seed=3), 30))
-    assert first != list(itertools.islice(micro_batch_stream(trajectories, 6, seed=4), 30))
-    by_epoch: dict[int, list[str]] = {}
-    for epoch, batch in first:
-        by_epoch.setdefault(epoch, []).extend(t.problem_id for t in batch)
-    complete = [ids for epoch, ids in by_epoch.items() if epoch < max(by_epoch)]
-    assert len(complete) >= 2 and all(sorted(ids) == sorted(t.problem_id for t in trajectories) for ids in complete)
-    assert complete[0] != complete[1]  # reshuffled each epoch
+def steps_of(pieces) -> list[tuple[str, int]]:
+    return [(piece.problem_id, position) for piece in pieces for position in piece.positions]
+
+
+def varied_trajectories() -> list[Trajectory]:
+    """Distinct trajectories of 1 to 23 steps at scattered positions (several longer than a micro-batch)."""
+    rng = random.Random(1)
+    trajectories = []
+    for index, count in enumerate([3, 1, 4, 1, 5, 9, 2, 6, 23, 7, 11, 2]):
+        positions = tuple(sorted(rng.sample(range(2, 60), count)))
+        trajectories.append(Trajectory(
+            input_ids=tuple(rng.randrange(5, 90) for _ in range(positions[-1] + 1)), positions=positions,
+            target_ids=tuple((5 + k,) for k in range(count)), target_probs=((1.0,),) * count, problem_id=f"t{index}"))
+    return trajectories
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_plan_trains_exactly_n_steps_an_update_each_step_once_an_epoch_with_equal_micro_batches(world_size):
+    trajectories = varied_trajectories()
+    by_id = {t.problem_id: t for t in trajectories}
+    every_step = sorted(steps_of(trajectories))  # 74 steps an epoch
+    n, cap = 16, 5
+    plan = UpdatePlan(random.Random(7).sample(trajectories, len(trajectories)), n, world_size, cap, seed=3)
+    grad_accum = micro_batches_per_update(n, world_size, cap)
+    assert plan.micro_batches_per_rank == grad_accum == {1: 4, 2: 2, 8: 1}[world_size]
+    sequence, split_seen = [], False
+    for update in range(1, 20):  # 304 steps: four whole epochs and a part
+        shares = [plan.micro_batches(update, rank) for rank in range(world_size)]
+        assert [len(share) for share in shares] == [grad_accum] * world_size  # same forward/backward calls on all ranks
+        update_steps = [step for share in shares for batch in share for step in steps_of(batch)]
+        assert len(update_steps) == n
+        for share in shares:
+            assert abs(sum(len(steps_of(batch)) for batch in share) - n / world_size) < 1
+            for batch in share:
+                assert len(steps_of(batch)) <= cap
+                for piece in batch:
+                    whole = by_id[piece.problem_id]
+                    # a piece runs only the prefix its last step needs, labels its own steps
+                    assert piece.input_ids == whole.input_ids[: piece.positions[-1] + 1]
+                    first = whole.positions.index(piece.positions[0])
+                    assert whole.positions[first: first + piece.num_steps] == piece.positions
+                    assert whole.target_ids[first: first + piece.num_steps] == piece.target_ids
+                    split_seen |= piece.num_steps < whole.num_steps
+        assert plan.epoch_of(update) == (len(sequence) + n - 1) // len(every_step)
+        sequence.extend(update_steps)
+    assert split_seen
+    assert max(len(steps_of(batch)) for rank in range(world_size) for batch in plan.micro_batches(3, rank)) == min(cap, n // world_size)
+    epochs = [sequence[i: i + len(every_step)] for i in range(0, 4 * len(every_step), len(every_step))]
+    assert all(sorted(epoch) == every_step for epoch in epochs)  # every step exactly once an epoch
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    # one global order: the same steps in the same updates whatever the number of workers
+    single = UpdatePlan(trajectories, n, 1, cap, seed=3)
+    assert sequence == [s for update in range(1, 20) for batch in single.micro_batches(update, 0) for s in steps_of(batch)]
+    assert sequence != [s for update in range(1, 20) for batch in UpdatePlan(trajectories, n, 1, cap, seed=4).micro_batches(update, 0)
+                        for s in steps_of(batch)]
+
+
+def test_plan_of_an_update_depends_on_its_number_alone_and_pads_short_shares():
+    trajectories = varied_trajectories()
+    fresh = UpdatePlan(trajectories, 10, 3, 3, seed=0)
+    used = UpdatePlan(trajectories, 10, 3, 3, seed=0)
+    for update in range(1, 30):
+        used.micro_batches(update, 0)
+    assert [fresh.micro_batches(31, rank) for rank in range(3)] == [used.micro_batches(31, rank) for rank in range(3)]
+    # 10 steps over 3 ranks: shares of 4, 3, 3 in two micro-batches of at most 3; a short share gets nothing more
+    assert [[len(steps_of(batch)) for batch in fresh.micro_batches(5, rank)] for rank in range(3)] == [[3, 1], [3, 0], [3, 0]]
+    assert fresh.micro_batches(5, 1)[1] == []  # the worker runs a placeholder there
+    with pytest.raises(ValueError):
+        UpdatePlan([], 4, 1, 2, seed=0)
+
+
+def test_an_update_larger_than_an_epoch_wraps_into_the_next():
+    trajectories = [synthetic(2, "a"), synthetic(3, "b")]
+    plan = UpdatePlan(trajectories, 12, 2, 4, seed=0)
+    steps = [s for rank in range(2) for batch in plan.micro_batches(1, rank) for s in steps_of(batch)]
+    assert len(steps) == 12 and plan.epoch_of(1) == 2 and plan.epoch_of(2) == 4
 
 
 def test_collate_pads_rows_and_indexes_the_selected_steps():

@@ -25,6 +25,8 @@ from lightreasoner_ray.train_data import collate, trajectories_from_table
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 16
+# 24 steps per worker and update: two micro-batches of at most 16 on each of the 2 workers.
+STEPS_PER_UPDATE = 48
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def train_config(tiny_pair, output_dir, samples, *overrides):
     return load_config(None, [
         f"expert.path={tiny_pair['expert']}", f"train.samples={samples}", f"output_dir={output_dir}",
         f"train.max_steps={MAX_STEPS}", "train.lr=0.01", "train.num_workers=2", "train.checkpoint_every=8",
-        "train.micro_batch_steps=16", "train.grad_accum=2", *overrides,
+        f"train.steps_per_update={STEPS_PER_UPDATE}", "train.micro_batch_steps=16", *overrides,
     ])
 
 
@@ -78,7 +80,7 @@ def metrics(output_dir) -> list[dict]:
 
 
 def assert_loss_falls(rows: list[dict]) -> None:
-    # An epoch here is ~3 updates; compare the first and the last four (whole-epoch averages).
+    # An epoch here is ~3 updates; compare the first and the last four (about an epoch each).
     losses = [row["loss"] for row in rows]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
 
@@ -97,6 +99,9 @@ def test_zero2_lora_trains_and_the_adapter_beats_the_base(tiny_pair, sampled, ze
     rows = metrics(output_dir)
     assert [row["step"] for row in rows] == list(range(1, MAX_STEPS + 1))
     assert {"loss", "lr", "steps_per_s", "tokens_per_s", "selected_steps", "forward_tokens"} <= rows[0].keys()
+    assert [row["selected_steps"] for row in rows] == [STEPS_PER_UPDATE] * MAX_STEPS
+    steps_per_epoch = sum(len(row["steps"]) for row in sampled["rows"])
+    assert [row["epoch"] for row in rows] == [(step * STEPS_PER_UPDATE - 1) // steps_per_epoch for step in range(1, MAX_STEPS + 1)]
     assert_loss_falls(rows)
     saved = json.loads((output_dir / "train_summary.json").read_text())
     assert saved["steps"] == summary["steps"] == MAX_STEPS and saved["model_kind"] == "peft_lora_adapter"
@@ -151,9 +156,10 @@ def synthetic_rows(tokenizer, questions, step_counts, seed=0) -> list[dict]:
 
 
 def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(tiny_pair, sampled, ray_local, tmp_path):
-    """Two trajectories of 3 and 9 steps, one micro-batch each: the first update's gradient must be
-    the gradient of the mean over all 12 steps, whichever worker holds which trajectory (a mean
-    per worker or per micro-batch would weigh the 3 steps like the 9)."""
+    """Two trajectories of 3 and 9 steps, an update of 12 steps in micro-batches of one step: the 9-step
+    trajectory is split across micro-batches and workers, and the first update's gradient must be
+    the gradient of the mean over all 12 steps (a mean per worker or per micro-batch would weigh
+    steps unevenly)."""
     from transformers import AutoModelForCausalLM
 
     from lightreasoner_ray.training import run_training
@@ -163,7 +169,8 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     samples.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA), samples / "part-0.parquet")
     config = train_config(tiny_pair, tmp_path / "run", samples, "train.lora.enabled=false", "train.lr=0.003",
-                          "train.micro_batch_steps=1", "train.max_steps=6", "train.checkpoint_every=6")
+                          "train.steps_per_update=12", "train.micro_batch_steps=1", "train.max_steps=6",
+                          "train.checkpoint_every=6")
     summary = run_training(config)
 
     base = load_base(tiny_pair)
@@ -171,7 +178,7 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     step_kl(wrapped, collate(trajectories_from_table(pa.Table.from_pylist(rows)), 0)).mean().backward()
     expected_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in base.parameters())).item()
     first = metrics(tmp_path / "run")[0]
-    assert first["selected_steps"] == 24  # each worker trains 2 micro-batches of its trajectory, or both once each
+    assert first["selected_steps"] == 12
     assert first["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
 
     assert summary["model_kind"] == "hf_model" and summary["trainable_parameters"] == summary["parameters"]
@@ -179,6 +186,28 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer_config.json").is_file()
     trained = AutoModelForCausalLM.from_pretrained(model_dir)
     assert mean_kl(trained, samples) < mean_kl(load_base(tiny_pair), samples) * 0.8
+
+
+def test_one_and_two_workers_train_the_same_updates(tiny_pair, sampled, ray_local, tmp_path):
+    """One global order of steps: 1 worker (4 micro-batches of <= 5 steps an update) and 2 workers (2 each)
+    train the same 16 steps in every update, so their losses and gradient norms agree."""
+    from lightreasoner_ray.training import run_training
+
+    runs = {}
+    for workers in (1, 2):
+        output_dir = tmp_path / f"workers{workers}"
+        config = train_config(tiny_pair, output_dir, sampled["dir"], f"train.num_workers={workers}",
+                              "train.steps_per_update=16", "train.micro_batch_steps=5", "train.max_steps=6",
+                              "train.checkpoint_every=6", "train.lora.dropout=0.0")
+        run_training(config)
+        runs[workers] = metrics(output_dir)
+    for rows in runs.values():
+        assert [row["selected_steps"] for row in rows] == [16] * 6
+    one, two = runs[1], runs[2]
+    assert [row["forward_tokens"] for row in one] != [row["forward_tokens"] for row in two]  # other pieces...
+    assert [row["loss"] for row in two] == pytest.approx([row["loss"] for row in one], rel=1e-4)  # ...same updates
+    assert [row["grad_norm"] for row in two] == pytest.approx([row["grad_norm"] for row in one], rel=1e-3)
+    assert len({round(row["loss"], 4) for row in one}) == 6  # the updates differ from each other
 
 
 def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run, tmp_path):
