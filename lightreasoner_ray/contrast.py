@@ -2,20 +2,36 @@
 
 Given next-token logits of the expert and the amateur at the same positions:
 
-* step selection keeps position t when D_KL(pi_E || pi_A) > beta;
+* step selection keeps position t when D_KL(pi_E || pi_A) > beta (``selection: paper``),
+  or, as the reference implementation does (``selection: reference``), when
+  KL >= beta and t >= 1: its loop starts at the second completion token, so the
+  distribution of the first token (empty assistant prefix) is never selected;
 * the plausibility mask is V_t = {a : pi_E(a) >= alpha * max pi_E};
 * the contrastive soft label is softmax over V_t of (log pi_E - log pi_A), zero elsewhere.
 
 Everything is computed in float32 from log-softmax whatever the input dtype, a chunk
-of positions at a time so a 152k vocabulary does not need T x V float32 buffers.
+of positions of BOTH models at a time: the inputs may be ``[T, V]`` tensors or
+:class:`lightreasoner_ray.lm_head.ProjectedRows` that project only the chunk asked for,
+so a 152k vocabulary never needs T x V buffers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+SELECTIONS = ("paper", "reference")
+
+
+class LogitRows(Protocol):
+    """``[T, V]`` logits, or anything that yields a slice of them (``ProjectedRows``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> torch.Tensor: ...
 
 
 @dataclass
@@ -31,6 +47,24 @@ class ContrastResult:
 def kl_divergence(expert_logprobs: torch.Tensor, amateur_logprobs: torch.Tensor) -> torch.Tensor:
     """D_KL(pi_E || pi_A) over the last dimension, from log-probabilities."""
     return (expert_logprobs.exp() * (expert_logprobs - amateur_logprobs)).sum(-1)
+
+
+def selection_mask(kl: torch.Tensor, positions: torch.Tensor, beta: float, selection: str = "paper") -> torch.Tensor:
+    """Which positions (their index in the completion) are selected steps, by ``selection``.
+
+    ``paper``: KL > beta at every position. ``reference``: KL >= beta and position >= 1,
+    the rule of HKUDS/LightReasoner's ``LightR_sampling.py``.
+    """
+    if selection == "paper":
+        return kl > beta
+    if selection == "reference":
+        return (kl >= beta) & (positions >= 1)
+    raise ValueError(f"unknown selection rule {selection!r}; expected one of {', '.join(SELECTIONS)}")
+
+
+def is_selected(position: int, kl: float, beta: float, selection: str = "paper") -> bool:
+    """:func:`selection_mask` for one position (for re-selecting recorded KLs at another beta)."""
+    return bool(selection_mask(torch.tensor([kl], dtype=torch.float64), torch.tensor([position]), beta, selection))
 
 
 def plausibility_mask(expert_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -49,19 +83,23 @@ def contrastive_soft_label(
 
 
 def contrast_positions(
-    expert_logits: torch.Tensor,
-    amateur_logits: torch.Tensor,
+    expert_logits: LogitRows,
+    amateur_logits: LogitRows,
     alpha: float,
     beta: float,
     position_chunk: int = 64,
+    selection: str = "paper",
 ) -> ContrastResult:
-    """Contrast one trajectory: ``[T, V]`` logits of each model at its completion positions.
+    """Contrast one trajectory: logits of each model at its ``T`` completion positions.
 
-    Both tensors must cover the same vocabulary (cut padded embeddings beforehand).
+    Both must cover the same vocabulary (cut padded embeddings beforehand). Only
+    ``position_chunk`` positions of each model are materialised at a time.
     """
-    if expert_logits.shape != amateur_logits.shape:
-        raise ValueError(f"logit shapes differ: expert {tuple(expert_logits.shape)}, amateur {tuple(amateur_logits.shape)}")
-    num_positions = expert_logits.shape[0]
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection rule {selection!r}; expected one of {', '.join(SELECTIONS)}")
+    if len(expert_logits) != len(amateur_logits):
+        raise ValueError(f"position counts differ: expert {len(expert_logits)}, amateur {len(amateur_logits)}")
+    num_positions = len(expert_logits)
     kl_chunks = []
     steps: list[int] = []
     target_ids: list[list[int]] = []
@@ -69,12 +107,18 @@ def contrast_positions(
     for start in range(0, num_positions, position_chunk):
         expert_logprobs = torch.log_softmax(expert_logits[start : start + position_chunk].float(), dim=-1)
         amateur_logprobs = torch.log_softmax(amateur_logits[start : start + position_chunk].float(), dim=-1)
+        if expert_logprobs.shape != amateur_logprobs.shape:
+            raise ValueError(
+                f"logit shapes differ: expert {tuple(expert_logprobs.shape)}, amateur {tuple(amateur_logprobs.shape)}"
+            )
         kl = kl_divergence(expert_logprobs, amateur_logprobs)
         kl_chunks.append(kl)
-        selected = torch.nonzero(kl > beta).flatten()
+        positions = torch.arange(start, start + kl.shape[0], device=kl.device)
+        selected = torch.nonzero(selection_mask(kl, positions, beta, selection)).flatten()
         if selected.numel() == 0:
             continue
         labels = contrastive_soft_label(expert_logprobs[selected], amateur_logprobs[selected], alpha)
+        del expert_logprobs, amateur_logprobs
         for row, position in zip(labels, selected.tolist()):
             support = torch.nonzero(row > 0).flatten()
             probs = row[support]

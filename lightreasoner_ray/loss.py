@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightreasoner_ray.lm_head import head_logits, logit_transform
+
 
 def sparse_kl_divergence(
     logits: torch.Tensor, target_ids: torch.Tensor, target_probs: torch.Tensor
@@ -36,18 +38,20 @@ def sparse_kl_divergence(
 
 
 class SelectedStepLogits(nn.Module):
-    """A causal LM that returns logits only at selected (row, position) pairs.
+    """A causal LM that returns float32 logits only at selected (row, position) pairs.
 
-    Wrapping the model (rather than calling its parts from the training loop) keeps
-    every parameter inside one module that DeepSpeed sees, so ZeRO-3's parameter
-    gathering hooks fire as usual.
+    The logits come from :func:`lightreasoner_ray.lm_head.head_logits`, the function the
+    sampler uses for pi_E: the same vocabulary cut (``vocab_size``: the ids the samples
+    were normalised over; default the whole head), logit scaling/soft-capping and fp32
+    projection. Wrapping the model (rather than calling its parts from the training
+    loop) keeps every parameter inside one module that DeepSpeed sees, so ZeRO-3's
+    parameter gathering hooks fire as usual.
     """
 
-    def __init__(self, causal_lm: nn.Module) -> None:
+    def __init__(self, causal_lm: nn.Module, vocab_size: int | None = None) -> None:
         super().__init__()
         self.causal_lm = causal_lm
-        config = getattr(causal_lm, "config", None)
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        self.transform = logit_transform(causal_lm, vocab_size)
 
     def forward(
         self,
@@ -59,10 +63,7 @@ class SelectedStepLogits(nn.Module):
         decoder = self.causal_lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         selected = hidden[step_rows, step_positions]
-        logits = self.causal_lm.get_output_embeddings()(selected)
-        if self.logit_softcap:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return head_logits(selected, self.causal_lm.get_output_embeddings(), self.transform)
 
 
 def step_kl(model: nn.Module, batch: Any) -> torch.Tensor:

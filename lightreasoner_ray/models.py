@@ -109,6 +109,25 @@ def shared_vocab_size(tokenizer: Any, *models: Any) -> int:
     return min(widths)
 
 
+def head_rows(config: ModelConfig) -> int:
+    """The LM head's rows from the model's config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    return int(model_config.vocab_size)
+
+
+def pair_vocab_size(expert: ModelConfig, amateur: ModelConfig) -> int:
+    """:func:`shared_vocab_size` from the configs: the vocabulary the sampler normalises over.
+
+    Recorded with the samples so the trainer normalises pi_theta over the same ids.
+    """
+    tokenizer = load_tokenizer(expert, "expert")
+    return min(len(tokenizer), head_rows(expert), head_rows(amateur))
+
+
 def check_tokenizers_compatible(expert_tokenizer: Any, amateur_tokenizer: Any, expert_path: str, amateur_path: str) -> None:
     """Raise unless both tokenizers give the same ids to the same strings on the shared vocabulary.
 

@@ -204,16 +204,21 @@ def current_training_provenance(config: Config) -> TrainingProvenance:
 
 
 def claim_checkpoints(config: Config, provenance: TrainingProvenance) -> None:
-    """Record what the checkpoints come from, or refuse to resume checkpoints made from other inputs."""
+    """Record what the checkpoints come from, or refuse to resume checkpoints made from other inputs.
+
+    Without any checkpoint yet (a run that failed before its first) the record is simply
+    rewritten: there is nothing to mix.
+    """
     directory = checkpoints_dir(config)
     record_path = join_path(directory, PROVENANCE_FILE)
     recorded = read_record(record_path)
-    if recorded is not None:
+    has_checkpoints = _has_checkpoints(directory)
+    if recorded is not None and has_checkpoints:
         changes = provenance.changes_from(TrainingProvenance.from_dict(recorded))
         if changes:
             raise refusal(f"the checkpoints in {directory}", changes, config.output_dir, "train")
         return
-    if _has_checkpoints(directory):
+    if has_checkpoints:
         raise LightReasonerError(
             f"the checkpoints in {directory} have no {PROVENANCE_FILE} (made by an older version?), so nothing "
             "says which samples and settings they came from. To proceed, use a new output_dir, or re-run with "
@@ -223,10 +228,11 @@ def claim_checkpoints(config: Config, provenance: TrainingProvenance) -> None:
 
 
 def _has_checkpoints(directory: str) -> bool:
+    """Whether Ray Train would resume from something here (checkpoints are ``step_*`` directories)."""
     if storage.is_uri(directory):
         return storage.exists(join_path(directory, RUN_NAME))
     run = Path(directory, RUN_NAME)
-    return run.is_dir() and any(run.iterdir())
+    return run.is_dir() and any(path.name.startswith("step_") for path in run.iterdir())
 
 
 def model_vocab_and_context(config: Config) -> tuple[int, int]:
