@@ -146,7 +146,8 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
             parts.append(markdown_table(table, ["id", "question", before, after, "gold"]))
             if len(here) > MARKDOWN_QUESTIONS:
                 parts.append(f"\n… and {len(here) - MARKDOWN_QUESTIONS} more in the JSON.\n")
-    return "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+    # Blank lines between blocks: a Markdown table must not touch a paragraph.
+    return "\n".join(part.strip("\n") + "\n" for part in parts)
 
 
 def _file_label(label: str) -> str:
@@ -169,6 +170,6 @@ def run_compare(config: Config, before: str = "baseline", after: str = "lightrea
     storage.write_bytes_atomic(paths["markdown"], markdown.encode("utf-8"))
     table_end = markdown.find("\n## ")
     echo(markdown[:table_end].rstrip())
-    echo(f"{len(comparison['fixed'])} questions fixed, {len(comparison['broken'])} broken: {paths['markdown']}, "
+    echo(f"questions fixed: {len(comparison['fixed'])}, broken: {len(comparison['broken'])}; {paths['markdown']}, "
          f"{paths['json']}")
     return {**comparison, "paths": paths}

@@ -94,7 +94,7 @@ def test_cli_compare_prints_the_table(evaluated):
     )
     assert result.returncode == 0, result.stderr
     assert "| GSM8K | 6 | 50.0 | 66.7 | +16.7 | 2 | 1 |" in result.stdout
-    assert "3 questions fixed, 1 broken" in result.stdout
+    assert "questions fixed: 3, broken: 1" in result.stdout
     assert "logs in" in result.stderr and (evaluated["dir"] / "logs").is_dir()
 
 
