@@ -130,6 +130,26 @@ def test_only_settings_that_shape_a_checkpoint_are_compared():
     assert recorded.changes_from(TrainingProvenance.from_dict(recorded.to_dict())) == []
 
 
+def test_checkpoints_are_claimed_by_their_provenance(tmp_path):
+    from lightreasoner_ray.training import claim_checkpoints
+
+    config = load_config(None, [f"output_dir={tmp_path}"])
+    record = tmp_path / "checkpoints" / PROVENANCE_FILE
+    first = TrainingProvenance("s1", "e1", {"train.lora.r": 8})
+    other = TrainingProvenance("s1", "e1", {"train.lora.r": 4})
+    claim_checkpoints(config, first)
+    assert json.loads(record.read_text()) == first.to_dict()
+    claim_checkpoints(config, other)  # no checkpoint was written yet: nothing to mix, the record follows
+    assert json.loads(record.read_text()) == other.to_dict()
+    (tmp_path / "checkpoints" / "train" / "step_0000002").mkdir(parents=True)
+    claim_checkpoints(config, other)
+    with pytest.raises(LightReasonerError, match=r"train\.lora\.r: 4 -> 8.*--restart"):
+        claim_checkpoints(config, first)
+    record.unlink()
+    with pytest.raises(LightReasonerError, match="have no provenance.json"):
+        claim_checkpoints(config, first)
+
+
 def test_remove_path_removes_files_and_trees_and_reports_what_was_there(tmp_path):
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -265,6 +285,12 @@ def test_stale_checkpoints_models_and_predictions_are_continued_recomputed_or_re
     assert second["baseline"]["run"]["shards_resumed"] == 1  # the untouched expert is not redone
     rows = [json.loads(line) for line in (out / "eval" / "lightreasoner" / "gsm8k.jsonl").read_text().splitlines()]
     assert {row["model_fingerprint"] for row in rows} == {second["lightreasoner"]["model_fingerprint"]}
+    # Same inputs again: the finished training is skipped (its provenance matches) and nothing is redone.
+    summary_written = (out / "train_summary.json").stat().st_mtime_ns
+    assert _lightreasoner(capsys, "run", *args("train.max_steps=4"))[0] == 0
+    assert (out / "train_summary.json").stat().st_mtime_ns == summary_written
+    third = json.loads((out / "report.json").read_text())["results"]["models"]
+    assert third["lightreasoner"]["run"]["shards_resumed"] == third["baseline"]["run"]["shards_resumed"] == 1
 
     # (b) re-sampled with another beta: train and run refuse, naming the samples; --restart trains afresh.
     code, error = _lightreasoner(capsys, "sample", *args("sampling.beta=0.2"))
