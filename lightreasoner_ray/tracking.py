@@ -207,7 +207,7 @@ class WandbSink:
     def open(cls, uri: str, project: str, output_dir: str, name: str, stage: str) -> "WandbSink":
         import wandb
 
-        directory = Path(output_dir).resolve()
+        directory = Path.cwd() if storage.is_uri(output_dir) else Path(output_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         settings: dict[str, Any] = {"project": project, "dir": str(directory), "mode": mode}
@@ -236,6 +236,11 @@ class WandbSink:
 
 
 def open_sinks(tracking: Any, output_dir: str, name: str, stage: str) -> list[Sink]:
+    if storage.is_uri(output_dir) and not tracking.uri and set(tracking.backends) & {"mlflow", "tensorboard"}:
+        raise LightReasonerError(
+            f"output_dir {output_dir} is not a local path, so the default MLflow store and TensorBoard log directory "
+            "(under output_dir) cannot be used: set tracking.uri (an MLflow tracking URI or a log directory)"
+        )
     sinks: list[Sink] = []
     for backend in tracking.backends:
         if backend == "mlflow":

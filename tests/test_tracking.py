@@ -42,6 +42,12 @@ def test_backend_values(tmp_path):
         load_config(None, ["tracking.backend=[none,mlflow]"])
 
 
+def test_an_object_store_output_dir_needs_a_tracking_uri():
+    config = load_config(None, ["output_dir=s3://bucket/run", "tracking.backend=mlflow"])
+    with pytest.raises(LightReasonerError, match="set tracking.uri"):
+        tracking.open_sinks(config.tracking, config.output_dir, "run", "run")
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tiny_pair, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("tracked") / "run"
