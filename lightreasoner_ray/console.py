@@ -172,7 +172,8 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
     ray_was_running = _ray_is_running()
     root = logging.getLogger()
     previous_level = root.level
-    file_handler = logging.StreamHandler(sys.stderr)  # fd 2: the log file
+    log_stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+    file_handler = logging.StreamHandler(log_stream)
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     console_handler = _ConsoleHandler(console.err)
     console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
@@ -218,6 +219,7 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
         os.close(saved_err)
         console.out.close()
         console.err.close()
+        log_stream.close()
 
 
 def _ray_is_running() -> bool:
