@@ -33,4 +33,6 @@ def init_ray(config: RayConfig) -> None:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-    logger.info("connected to Ray at %s: %s", address, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    logger.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0), resources.get("GPU", 0))
+    logger.debug("cluster resources: %s", resources)
