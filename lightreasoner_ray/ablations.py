@@ -3,8 +3,9 @@
 A sampling run with beta = 0 holds a soft label at (almost) every completion
 position. From it, without touching a model again:
 
-* ``select_by_beta`` keeps the positions with KL > beta: exactly what sampling with
-  that beta would have written (selection is a filter on the same numbers);
+* ``select_by_beta`` keeps the positions with KL > beta (or the reference's rule):
+  exactly what sampling with that beta would have written (selection is a filter on
+  the same numbers);
 * ``random_steps`` keeps the same NUMBER of positions chosen uniformly at random, with
   the same soft labels: the control for "is it the KL selection that helps?";
 * ``sft_rows`` turns gold solutions into one-hot labels at every position: the loss
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import random
 from typing import Any, Sequence
+
+from lightreasoner_ray.contrast import is_selected
 
 
 def _keep(row: dict[str, Any], keep: set[int]) -> dict[str, Any]:
@@ -29,8 +32,10 @@ def _keep(row: dict[str, Any], keep: set[int]) -> dict[str, Any]:
     }
 
 
-def select_by_beta(rows: Sequence[dict[str, Any]], beta: float) -> list[dict[str, Any]]:
-    return [_keep(row, {t for t, kl in zip(row["steps"], row["kl"]) if kl > beta}) for row in rows]
+def select_by_beta(rows: Sequence[dict[str, Any]], beta: float, selection: str = "paper") -> list[dict[str, Any]]:
+    """The rows' steps that ``selection`` (contrast.selection_mask) keeps at ``beta``."""
+    return [_keep(row, {t for t, kl in zip(row["steps"], row["kl"]) if is_selected(t, kl, beta, selection)})
+            for row in rows]
 
 
 def random_steps(rows: Sequence[dict[str, Any]], count: int, seed: int) -> list[dict[str, Any]]:

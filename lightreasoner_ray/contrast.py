@@ -63,8 +63,12 @@ def selection_mask(kl: torch.Tensor, positions: torch.Tensor, beta: float, selec
 
 
 def is_selected(position: int, kl: float, beta: float, selection: str = "paper") -> bool:
-    """:func:`selection_mask` for one position (for re-selecting recorded KLs at another beta)."""
-    return bool(selection_mask(torch.tensor([kl], dtype=torch.float64), torch.tensor([position]), beta, selection))
+    """:func:`selection_mask` for one position (for re-selecting recorded KLs at another beta).
+
+    Compared in float32, as the sampler compares its float32 KLs (and as the samples
+    store them): in float64, float32(0.4) > 0.4 would select a step the sampler did not.
+    """
+    return bool(selection_mask(torch.tensor([kl], dtype=torch.float32), torch.tensor([position]), beta, selection))
 
 
 def plausibility_mask(expert_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from lightreasoner_ray.config import ModelConfig, VLLMConfig
-from lightreasoner_ray.contrast import contrast_positions
+from lightreasoner_ray.contrast import ContrastResult, contrast_positions
 from lightreasoner_ray.generation import completion_logits
 from lightreasoner_ray.metrics import record_sampling
 from lightreasoner_ray.models import context_length, default_device, load_model, load_tokenizer, shared_vocab_size
@@ -103,18 +103,7 @@ class ContrastiveSampler:
         started = time.perf_counter()
         completions = [samples[0].token_ids for samples in self.engine.generate([list(p) for p in prompts])]
         self.generation_seconds += time.perf_counter() - started
-        kept = [i for i, completion in enumerate(completions) if completion]
-        sequences = [list(prompts[i]) + completions[i] for i in kept]
-        prompt_lengths = [len(prompts[i]) for i in kept]
-        pad_id = self.tokenizer.pad_token_id
-        # Hidden states only (positions x hidden); contrast_positions projects a chunk of
-        # positions of both models at a time, in fp32, never positions x vocab at once.
-        expert_logits = completion_logits(self.expert, sequences, prompt_lengths, pad_id, self.vocab_size)
-        amateur_logits = completion_logits(self.amateur, sequences, prompt_lengths, pad_id, self.vocab_size)
-        contrasts = {
-            i: contrast_positions(e, a, self.alpha, self.beta, self.position_chunk, self.selection)
-            for i, e, a in zip(kept, expert_logits, amateur_logits)
-        }
+        contrasts = self.contrast(prompts, completions)
         rows = []
         for i, (problem_id, prompt) in enumerate(zip(problem_ids, prompts)):
             result = contrasts.get(i)
@@ -131,6 +120,26 @@ class ContrastiveSampler:
                 }
             )
         return rows
+
+    def contrast(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> dict[int, ContrastResult]:
+        """Contrast the two models on each non-empty completion, keyed by its index.
+
+        One teacher-forced pass of each model keeps only hidden states (positions x
+        hidden); contrast_positions projects a chunk of positions of both models at a
+        time, in fp32, so positions x vocab logits never exist at once.
+        """
+        kept = [i for i, completion in enumerate(completions) if completion]
+        if not kept:
+            return {}
+        sequences = [list(prompts[i]) + list(completions[i]) for i in kept]
+        prompt_lengths = [len(prompts[i]) for i in kept]
+        pad_id = self.tokenizer.pad_token_id
+        expert_logits = completion_logits(self.expert, sequences, prompt_lengths, pad_id, self.vocab_size)
+        amateur_logits = completion_logits(self.amateur, sequences, prompt_lengths, pad_id, self.vocab_size)
+        return {
+            i: contrast_positions(e, a, self.alpha, self.beta, self.position_chunk, self.selection)
+            for i, e, a in zip(kept, expert_logits, amateur_logits)
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Ray Data entry point: a pyarrow batch of (problem_id, prompt_ids) in, samples out."""

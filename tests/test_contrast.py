@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lightreasoner_ray.config import ModelConfig
-from lightreasoner_ray.contrast import contrast_positions, kl_divergence
+from lightreasoner_ray.ablations import select_by_beta
+from lightreasoner_ray.contrast import SELECTIONS, contrast_positions, is_selected, kl_divergence, selection_mask
+from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.prompts import prompt_ids
 from lightreasoner_ray.sampler import ContrastiveSampler
 
@@ -57,8 +59,80 @@ def test_bf16_inputs_are_contrasted_in_fp32():
     assert torch.allclose(result.kl, reference)
 
 
-def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta):
-    """The reference script's algorithm: one forward pass per prefix, float64 maths from probabilities."""
+def _three_positions():
+    """Position 0 diverges most; positions 1 and 2 diverge less, with equal KL."""
+    expert = torch.log(torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.6, 0.3, 0.1]]))
+    amateur = torch.log(torch.tensor([[0.05, 0.05, 0.9], [0.2, 0.4, 0.4], [0.2, 0.4, 0.4]]))
+    return expert, amateur
+
+
+def test_reference_selection_keeps_kl_equal_to_beta_and_never_the_first_position():
+    expert, amateur = _three_positions()
+    kl = contrast_positions(expert, amateur, alpha=0.2, beta=0.0).kl
+    assert kl[0] > kl[1] == kl[2] > 0
+    beta = float(kl[1])  # a float32 value: KL == beta exactly at positions 1 and 2
+    paper = contrast_positions(expert, amateur, alpha=0.2, beta=beta, selection="paper")
+    reference = contrast_positions(expert, amateur, alpha=0.2, beta=beta, selection="reference")
+    assert paper.steps == [0]  # strict: KL == beta is not kept; position 0 is
+    assert reference.steps == [1, 2]  # KL >= beta, never position 0
+    assert torch.equal(paper.kl, reference.kl)  # the rule changes selection only
+    both = contrast_positions(expert, amateur, alpha=0.2, beta=0.0, selection="reference")
+    assert both.steps == [1, 2]  # position 0 stays out at any beta
+    # Positions count from the trajectory's start, not from each chunk's.
+    chunked = contrast_positions(expert, amateur, alpha=0.2, beta=beta, position_chunk=1, selection="reference")
+    assert chunked.steps == [1, 2] and chunked.target_ids == reference.target_ids
+
+
+def test_selection_rule_scalar_and_vector_forms_agree():
+    kl = torch.tensor([0.5, 0.4, 0.3, 0.4])
+    positions = torch.arange(4)
+    assert selection_mask(kl, positions, 0.4, "paper").tolist() == [True, False, False, False]
+    assert selection_mask(kl, positions, 0.4, "reference").tolist() == [False, True, False, True]
+    for rule in SELECTIONS:
+        assert [is_selected(t, float(k), 0.4, rule) for t, k in zip(positions.tolist(), kl)] == \
+            selection_mask(kl, positions, 0.4, rule).tolist()
+    with pytest.raises(ValueError, match="paper, reference"):
+        selection_mask(kl, positions, 0.4, "strict")
+
+
+def test_select_by_beta_refilters_with_the_same_rule():
+    expert, amateur = _three_positions()
+    everything = contrast_positions(expert, amateur, alpha=0.2, beta=0.0)
+    row = {"steps": everything.steps, "kl": everything.kl.tolist(), "target_ids": everything.target_ids,
+           "target_probs": everything.target_probs}
+    beta = float(everything.kl[1])
+    for rule in SELECTIONS:
+        direct = contrast_positions(expert, amateur, alpha=0.2, beta=beta, selection=rule)
+        assert select_by_beta([row], beta, rule)[0]["steps"] == direct.steps
+
+
+def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_refused(tiny_pair, tmp_path):
+    from lightreasoner_ray.config import load_config
+    from lightreasoner_ray.sampling import check_sampling_settings, sampling_settings
+
+    from conftest import REPO_ROOT
+
+    def config(*extra):
+        return load_config(REPO_ROOT / "configs" / "tiny.yaml", [
+            f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}", f"output_dir={tmp_path}",
+            *extra])
+
+    with pytest.raises(LightReasonerError, match="sampling.selection must be one of paper, reference"):
+        config("sampling.selection=strict")
+    paper = sampling_settings(config())
+    assert paper["selection"] == "paper" and paper["vocab_size"] == 600  # the shared vocabulary, not a padded head
+    check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), paper)
+    reference = sampling_settings(config("sampling.selection=reference"))
+    with pytest.raises(LightReasonerError, match="selection: 'paper' -> 'reference'"):
+        check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), reference)
+
+
+def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta, selection="paper"):
+    """One forward pass per prefix, float64 maths from probabilities.
+
+    ``selection``: ``paper`` keeps KL > beta; ``reference`` keeps KL >= beta from the
+    second completion position on (LightR_sampling.py loops ``for step in range(1, ...)``).
+    """
     out = []
     for t in range(len(completion)):
         ids = torch.tensor([list(prompt) + list(completion[:t])])
@@ -66,7 +140,8 @@ def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta):
             p = torch.softmax(expert(ids).logits[0, -1, :vocab].double(), -1)
             q = torch.softmax(amateur(ids).logits[0, -1, :vocab].double(), -1)
         kl = float((p * (p.log() - q.log())).sum())
-        if kl <= beta:
+        selected = kl > beta if selection == "paper" else (t >= 1 and kl >= beta)
+        if not selected:
             out.append((t, kl, None))
             continue
         plausible = [a for a in range(vocab) if p[a] >= alpha * p.max()]
@@ -76,10 +151,11 @@ def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta):
     return out
 
 
-def test_one_pass_sampler_matches_the_per_prefix_oracle(tiny_pair):
+@pytest.mark.parametrize("selection", ["paper", "reference"])
+def test_one_pass_sampler_matches_the_per_prefix_oracle(tiny_pair, selection):
     alpha = 0.2
     sampler = ContrastiveSampler(ModelConfig(str(tiny_pair["expert"])), ModelConfig(str(tiny_pair["amateur"])),
-                                 alpha=alpha, beta=0.0, max_new_tokens=24, position_chunk=7)
+                                 alpha=alpha, beta=0.0, max_new_tokens=24, position_chunk=7, selection=selection)
     # Padded heads: expert 602 rows, amateur 606, tokenizer 600 -> logits cut to 600.
     assert sampler.vocab_size == len(sampler.tokenizer) == 600
     questions = [row["question"] for row in gsm8k_rows(3)]
@@ -93,7 +169,8 @@ def test_one_pass_sampler_matches_the_per_prefix_oracle(tiny_pair):
     for row, prompt in zip(rows, prompts):
         assert row["prompt_ids"] == prompt
         assert 0 < len(row["completion_ids"]) <= 24
-        oracle = naive_oracle(sampler.expert, sampler.amateur, prompt, row["completion_ids"], 600, alpha, beta)
+        oracle = naive_oracle(sampler.expert, sampler.amateur, prompt, row["completion_ids"], 600, alpha, beta,
+                              selection)
         assert row["position_kl"] == pytest.approx([kl for _, kl, _ in oracle], rel=1e-4, abs=1e-6)
         oracle_steps = [t for t, _, label in oracle if label is not None]
         assert row["steps"] == oracle_steps
@@ -108,6 +185,8 @@ def test_one_pass_sampler_matches_the_per_prefix_oracle(tiny_pair):
     # The fixture pair is built so that some, not all, positions pass beta.
     total_positions = sum(len(r["completion_ids"]) for r in rows)
     assert 0 < total_selected < total_positions
+    if selection == "reference":
+        assert all(0 not in row["steps"] for row in rows)
 
 
 def test_sampler_greedy_completion_is_the_experts_own_argmax(tiny_pair):
