@@ -152,3 +152,24 @@ def test_teacher_forced_pass_builds_no_kv_cache(tiny_pair):
         handle.remove()
     assert [h.shape for h in hidden] == [torch.Size([3, 64]), torch.Size([2, 64])]
     assert seen == [(False, None)]
+
+
+def test_the_trainer_normalises_over_the_vocabulary_the_samples_recorded(tiny_pair, tmp_path):
+    import json
+
+    from lightreasoner_ray.config import load_config
+    from lightreasoner_ray.training import logit_vocab_size
+
+    from conftest import REPO_ROOT
+
+    def config(*extra):
+        return load_config(REPO_ROOT / "configs" / "tiny.yaml", [
+            f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}", *extra])
+
+    # No record: derived as the sampler derives it (tokenizer 600 ids, expert head 602 rows).
+    assert logit_vocab_size(config(f"output_dir={tmp_path / 'none'}")) == 600
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sampling_settings.json").write_text(json.dumps({"vocab_size": 599}))
+    assert logit_vocab_size(config(f"output_dir={tmp_path / 'run'}")) == 599
+    assert logit_vocab_size(config("output_dir=/tmp/elsewhere",
+                                   f"train.samples={tmp_path / 'run' / 'samples' / 'part-0.parquet'}")) == 599
