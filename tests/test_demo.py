@@ -24,7 +24,7 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
         # The quick pair is barely trained: its KL is ~0.1 at every position, so beta sits just below.
         "demo.quick=true", "demo.seeds=[0]", "sampling.beta=0.1", "demo.train_problems=12", "demo.test_problems=10", "train.max_steps=2",
         "train.checkpoint_every=2", "sampling.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={output_dir}",
-                # The quick pair writes mostly noise: 16 samples a problem at temperature 1 give a few whose
+        # The quick pair writes mostly noise: 16 samples a problem at temperature 1 give a few whose
         # answer (here its last number) is the gold one.
         "demo.rounds=2", "demo.rejection_samples=16", "demo.rejection_temperature=1.0",
     ]

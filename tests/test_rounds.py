@@ -54,8 +54,10 @@ def test_offset_past_the_end_is_refused(problems_file):
         load_problems(DataConfig(problems=str(problems_file), offset=12, limit=4))
 
 
-def _cli(overrides: list[str], kill_after_files: int | None = None) -> int:
-    env = dict(os.environ, RAY_ADDRESS="", LIGHTREASONER_NO_DASHBOARD="1")
+def _cli(overrides: list[str], ray_address: str, kill_after_files: int | None = None) -> int:
+    # Each run attaches to the session's Ray instance, as a job on a cluster does: three fresh local
+    # instances cost minutes, and time out starting on a crowded machine.
+    env = dict(os.environ, RAY_ADDRESS=ray_address, LIGHTREASONER_NO_DASHBOARD="1")
     env.pop("LIGHTREASONER_TEST_KILL_AFTER_FILES", None)
     if kill_after_files is not None:
         env["LIGHTREASONER_TEST_KILL_AFTER_FILES"] = str(kill_after_files)
@@ -65,7 +67,7 @@ def _cli(overrides: list[str], kill_after_files: int | None = None) -> int:
         _, stderr = process.communicate(timeout=900)
     finally:
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # Ray processes a killed driver leaves behind
+            os.killpg(process.pid, signal.SIGKILL)  # anything the driver started in its session
         except ProcessLookupError:
             pass
     if process.returncode not in (0, -signal.SIGKILL):
@@ -81,7 +83,8 @@ def _fingerprint(directory: Path) -> dict[str, tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_two_rounds_through_the_cli_resume_after_a_kill_in_round_two(tiny_pair, problems_file, tmp_path):
+def test_two_rounds_through_the_cli_resume_after_a_kill_in_round_two(tiny_pair, problems_file, tmp_path, ray_local):
+    address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "run"
     overrides = [
         f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}", f"data.problems={problems_file}",
@@ -92,18 +95,18 @@ def test_two_rounds_through_the_cli_resume_after_a_kill_in_round_two(tiny_pair, 
         f"output_dir={out}",
     ]
     # One round: today's layout, nothing of rounds.
-    assert _cli([*overrides, "rounds=1"]) == 0
+    assert _cli([*overrides, "rounds=1"], address) == 0
     assert (out / "model" / "adapter_config.json").is_file() and not (out / "rounds.json").exists()
 
     # Two rounds, the job killed after round 2's second sample file: round 1's stages resume
     # (nothing to sample, training finished), its adapter is merged, round 2 starts.
-    assert _cli([*overrides, "rounds=2"], kill_after_files=2) == -signal.SIGKILL
+    assert _cli([*overrides, "rounds=2"], address, kill_after_files=2) == -signal.SIGKILL
     round_two = out / "round-2"
     assert len(list((round_two / "samples").glob("*.parquet"))) == 2
     assert (out / "round_done.json").is_file() and not (round_two / "round_done.json").exists()
     round_one_files = _fingerprint(out)
 
-    assert _cli([*overrides, "rounds=2"]) == 0
+    assert _cli([*overrides, "rounds=2"], address) == 0
     # Round 1 was skipped whole: not a file of it was rewritten.
     assert {name: value for name, value in _fingerprint(out).items() if not name.startswith("rounds.")} == round_one_files
     summary = json.loads((round_two / "samples_summary.json").read_text())
