@@ -10,7 +10,7 @@ Models are random-weight Qwen2 models built here (no hub) at a chosen width/dept
 with a BPE tokenizer trained on GSM8K text; the vocabulary is small, so the LM head
 costs less than in a real checkpoint. Run::
 
-    python bench/engines.py                       # ~ a few minutes on 2 CPUs
+    python bench/engines.py                       # ~ a few minutes on 2 idle CPUs
     python bench/engines.py --hidden 896 --layers 24 --heads 14 --kv-heads 2   # Qwen2.5-0.5B's body
 
 vLLM's engine runs in a spawned process: everything happens under ``main()``.
@@ -56,15 +56,15 @@ def timed(function, *arguments):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--problems", type=int, default=32, help="sampling problems and evaluation questions each")
-    parser.add_argument("--sampling-tokens", type=int, default=128)
-    parser.add_argument("--eval-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16, help="HF batch size (sampling and evaluation)")
+    parser.add_argument("--problems", type=int, default=16, help="sampling problems and evaluation questions each")
+    parser.add_argument("--sampling-tokens", type=int, default=64)
+    parser.add_argument("--eval-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="HF batch size (sampling and evaluation)")
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="vLLM's KV cache on CPU; 0 on a GPU")
     parser.add_argument("--cache", default="/tmp/lightreasoner-bench-engines")
     args = parser.parse_args()
@@ -85,7 +85,8 @@ def main() -> None:
     )
     expert, amateur = ModelConfig(path=str(expert_path)), ModelConfig(path=str(amateur_path))
     parameters = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(expert_path).parameters())
-    print(f"expert {expert_path} ({parameters / 1e6:.1f}M parameters), device {device}, torch threads {torch.get_num_threads()}")
+    print(f"expert {expert_path} ({parameters / 1e6:.1f}M parameters), device {device}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
 
     samplers, loads = {}, {}
     for engine in ("hf", "vllm"):
@@ -110,6 +111,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         tokens = sum(len(row["completion_ids"]) for row in rows)
         sampling[engine] = {"wall": wall, "generation": sampler.generation_seconds, "tokens": tokens, "rows": rows}
+        print(f"sampling with {engine}: {wall:.1f}s", flush=True)
     same = sum(a["completion_ids"] == b["completion_ids"] and a["steps"] == b["steps"]
                for a, b in zip(sampling["hf"]["rows"], sampling["vllm"]["rows"]))
 
@@ -133,6 +135,7 @@ def main() -> None:
         completions, wall = timed(sampler.engine.generate, questions)
         evaluation[engine] = {"wall": wall, "completions": completions,
                               "tokens": sum(len(s[0].token_ids) for s in completions)}
+        print(f"evaluation with {engine}: {wall:.1f}s", flush=True)
     identical = sum(a[0].token_ids == b[0].token_ids
                     for a, b in zip(evaluation["hf"]["completions"], evaluation["vllm"]["completions"]))
     print(f"\nEvaluation: {len(questions)} GSM8K test questions, greedy, {args.eval_tokens} new tokens max "
