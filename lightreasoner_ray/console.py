@@ -181,6 +181,11 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
     console_handler.setLevel(level.upper())
     root.addHandler(file_handler)
     root.addHandler(console_handler)
+    # In-process callers (tests, notebooks) may have replaced sys.stdout/sys.stderr with objects that
+    # are not fds 1 and 2; send those, and the logging handlers that hold them, to the log as well.
+    python_streams = (sys.stdout, sys.stderr)
+    repointed = _repoint_stream_handlers(python_streams, log_stream)
+    sys.stdout = sys.stderr = log_stream
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     _console = console
@@ -202,6 +207,9 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
 
             ray.shutdown()
         _console = None
+        sys.stdout, sys.stderr = python_streams
+        for handler, stream in repointed:
+            handler.setStream(stream)
         for name, value in saved_environ.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -220,6 +228,18 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
         console.out.close()
         console.err.close()
         log_stream.close()
+
+
+def _repoint_stream_handlers(streams: tuple, target: TextIO) -> list[tuple[logging.StreamHandler, TextIO]]:
+    """Point every logging handler that writes to one of ``streams`` at ``target``; return how to undo it."""
+    loggers = [logging.getLogger()] + [item for item in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(item, logging.Logger)]
+    moved = []
+    for logger_ in loggers:
+        for handler in logger_.handlers:
+            if isinstance(handler, logging.StreamHandler) and any(handler.stream is stream for stream in streams):
+                moved.append((handler, handler.setStream(target)))
+    return moved
 
 
 def _ray_is_running() -> bool:
