@@ -88,20 +88,19 @@ def main() -> None:
     print(f"expert {expert_path} ({parameters / 1e6:.1f}M parameters), device {device}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
-    samplers, loads = {}, {}
+    # One engine at a time: a live vLLM engine process polls for work and would slow the HF run.
+    train = read_rows(DATA / "train.jsonl", args.problems)
+    test = read_rows(DATA / "test.jsonl", args.problems)
+    loads, sampling, evaluation = {}, {}, {}
     for engine in ("hf", "vllm"):
-        samplers[engine], loads[engine] = timed(
+        sampler, loads[engine] = timed(
             lambda e=engine: ContrastiveSampler(expert, amateur, alpha=0.2, beta=0.4, max_new_tokens=args.sampling_tokens,
                                                 engine=e, vllm=vllm)
         )
-    tokenizer = samplers["hf"].tokenizer
-
-    # ---- sampling: one actor's work, batch after batch ----
-    train = read_rows(DATA / "train.jsonl", args.problems)
-    prompts = [prompt_ids(tokenizer, row["question"], SAMPLING_SYSTEM_PROMPT) for row in train]
-    ids = [str(i) for i in range(len(prompts))]
-    sampling = {}
-    for engine, sampler in samplers.items():
+        tokenizer = sampler.tokenizer
+        # ---- sampling: one actor's work, batch after batch ----
+        prompts = [prompt_ids(tokenizer, row["question"], SAMPLING_SYSTEM_PROMPT) for row in train]
+        ids = [str(i) for i in range(len(prompts))]
         sampler.sample(ids[:2], prompts[:2])  # warm-up
         sampler.generation_seconds = 0.0
         started = time.perf_counter()
@@ -112,6 +111,18 @@ def main() -> None:
         tokens = sum(len(row["completion_ids"]) for row in rows)
         sampling[engine] = {"wall": wall, "generation": sampler.generation_seconds, "tokens": tokens, "rows": rows}
         print(f"sampling with {engine}: {wall:.1f}s", flush=True)
+        # ---- evaluation: the same questions, greedy, through the same engine ----
+        questions = [prompt_ids(tokenizer, row["question"], EVAL_SYSTEM_PROMPT) for row in test]
+        sampler.engine.spec = dataclasses.replace(sampler.engine.spec, max_new_tokens=args.eval_tokens,
+                                                  batch_size=args.batch_size)
+        completions, wall = timed(sampler.engine.generate, questions)
+        evaluation[engine] = {"wall": wall, "completions": completions,
+                              "tokens": sum(len(s[0].token_ids) for s in completions)}
+        print(f"evaluation with {engine}: {wall:.1f}s", flush=True)
+        if hasattr(sampler.engine, "close"):
+            sampler.engine.close()
+        del sampler
+
     same = sum(a["completion_ids"] == b["completion_ids"] and a["steps"] == b["steps"]
                for a, b in zip(sampling["hf"]["rows"], sampling["vllm"]["rows"]))
 
@@ -125,17 +136,6 @@ def main() -> None:
     print(f"vLLM / HF sampling throughput: {sampling['hf']['wall'] / sampling['vllm']['wall']:.2f}x; "
           f"identical completions and steps: {same}/{len(prompts)}")
 
-    # ---- evaluation: the same questions, greedy, through each engine ----
-    test = read_rows(DATA / "test.jsonl", args.problems)
-    questions = [prompt_ids(tokenizer, row["question"], EVAL_SYSTEM_PROMPT) for row in test]
-    evaluation = {}
-    for engine, sampler in samplers.items():
-        sampler.engine.spec = dataclasses.replace(sampler.engine.spec, max_new_tokens=args.eval_tokens,
-                                                  batch_size=args.batch_size)
-        completions, wall = timed(sampler.engine.generate, questions)
-        evaluation[engine] = {"wall": wall, "completions": completions,
-                              "tokens": sum(len(s[0].token_ids) for s in completions)}
-        print(f"evaluation with {engine}: {wall:.1f}s", flush=True)
     identical = sum(a[0].token_ids == b[0].token_ids
                     for a, b in zip(evaluation["hf"]["completions"], evaluation["vllm"]["completions"]))
     print(f"\nEvaluation: {len(questions)} GSM8K test questions, greedy, {args.eval_tokens} new tokens max "
@@ -146,7 +146,6 @@ def main() -> None:
         print(f"| {engine} | {m['wall']:.1f} | {m['tokens']} | {m['tokens'] / m['wall']:.1f} |")
     print(f"vLLM / HF evaluation throughput: {evaluation['hf']['wall'] / evaluation['vllm']['wall']:.2f}x; "
           f"identical completions: {identical}/{len(questions)}")
-    samplers["vllm"].engine.close()
 
 
 if __name__ == "__main__":
