@@ -238,7 +238,10 @@ def _repoint_stream_handlers(streams: tuple, target: TextIO) -> list[tuple[loggi
     for logger_ in loggers:
         for handler in logger_.handlers:
             if isinstance(handler, logging.StreamHandler) and any(handler.stream is stream for stream in streams):
-                moved.append((handler, handler.setStream(target)))
+                try:
+                    moved.append((handler, handler.setStream(target)))
+                except AttributeError:
+                    pass  # logging's last-resort handler reads sys.stderr itself: already the log
     return moved
 
 

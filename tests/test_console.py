@@ -15,6 +15,7 @@ from lightreasoner_ray.console import echo, progress_stream, quiet_console
 def test_library_output_goes_to_the_log_and_results_to_the_terminal(tmp_path, capfd):
     chatty = logging.getLogger("some_library")
     chatty.addHandler(logging.StreamHandler(sys.stderr))  # as libraries set up their loggers at import
+    chatty.addHandler(logging.lastResort)  # a handler whose stream is a read-only property
     chatty.setLevel(logging.INFO)
     try:
         with quiet_console(str(tmp_path), "sample") as console:
