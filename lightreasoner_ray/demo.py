@@ -273,7 +273,8 @@ def _lightreasoner_round(base: Config, number: int, seed: int, expert_path: str,
     from lightreasoner_ray.sampling import run_sampling
 
     started = time.time()
-    merged = join_path(previous_dir, "merged")
+    # Absolute: Ray Train workers do not share the driver's working directory.
+    merged = os.path.abspath(join_path(previous_dir, "merged"))
     if not Path(merged, "config.json").is_file():  # written whole (staged, renamed)
         run_export(dataclasses.replace(base, output_dir=previous_dir, export=ExportConfig(),
                                        expert=dataclasses.replace(base.expert, path=expert_path)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -85,9 +86,10 @@ def _next_expert(config: Config) -> str:
     from lightreasoner_ray.export import export_paths, run_export
 
     if not config.train.lora.enabled:
-        return join_path(config.output_dir, "model")
+        return os.path.abspath(join_path(config.output_dir, "model"))
     run_export(config)
-    return export_paths(config)[1]
+    # Absolute: the next round's Ray workers do not share the driver's working directory.
+    return os.path.abspath(export_paths(config)[1])
 
 
 def run_rounds(config: Config) -> dict[str, Any]:
