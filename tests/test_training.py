@@ -162,7 +162,7 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     steps unevenly)."""
     from transformers import AutoModelForCausalLM
 
-    from lightreasoner_ray.training import run_training
+    from lightreasoner_ray.training import logit_vocab_size, run_training
 
     rows = synthetic_rows(sampled["tokenizer"], sampled["questions"][:2], [3, 9])
     samples = tmp_path / "samples"
@@ -174,7 +174,8 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     summary = run_training(config)
 
     base = load_base(tiny_pair)
-    wrapped = SelectedStepLogits(base)
+    # The trainer normalises over the ids the samples were drawn over (the tokenizer's, not the padded head's).
+    wrapped = SelectedStepLogits(base, logit_vocab_size(config))
     step_kl(wrapped, collate(trajectories_from_table(pa.Table.from_pylist(rows)), 0)).mean().backward()
     expected_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in base.parameters())).item()
     first = metrics(tmp_path / "run")[0]
