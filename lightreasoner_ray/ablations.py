@@ -70,5 +70,20 @@ def sft_rows(problem_ids: Sequence[str], prompts: Sequence[list[int]], solutions
     return rows
 
 
+def write_sample_set(rows: Sequence[dict[str, Any]], directory: str) -> None:
+    """``rows`` as the whole samples dataset in ``directory`` (one Parquet file, written
+    atomically; files of an earlier set there are removed first)."""
+    import pyarrow as pa
+
+    from lightreasoner_ray import storage
+    from lightreasoner_ray.provenance import remove_path
+    from lightreasoner_ray.sampler import SAMPLES_SCHEMA
+
+    storage.make_dirs(directory)
+    for stale in storage.list_parquet_files(directory):
+        remove_path(stale)
+    storage.write_parquet_atomic(pa.Table.from_pylist(list(rows), schema=SAMPLES_SCHEMA), directory, "part-0.parquet")
+
+
 def tuned_tokens(rows: Sequence[dict[str, Any]]) -> int:
     return sum(len(row["steps"]) for row in rows)

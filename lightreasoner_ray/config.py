@@ -47,6 +47,10 @@ class DataConfig:
     question_field: str = "auto"
     # Field holding the id; "auto" tries id, idx, unique_id, else a hash of the question.
     id_field: str = "auto"
+    # Field holding the gold answer, read only by rejection_sft (LightReasoner needs none);
+    # "auto" tries answer, final_answer, solution. GSM8K's "... #### 72" and a solution's
+    # last \boxed{} are reduced to the answer itself.
+    answer_field: str = "auto"
     limit: Optional[int] = 1000
     # Problems skipped (after shuffling, before `limit`): round r of `rounds` samples the
     # slice that starts at offset + (r - 1) * limit.
@@ -329,10 +333,9 @@ class DemoConfig:
     quick: bool = False
     # The toy split evaluated: "validation" to make choices (lr, beta, steps) on, "test" only to report.
     eval_split: str = "test"
-    # Rejection-sampling SFT: the expert samples this many solutions a training problem at this
-    # temperature; the distinct ones whose answer is the gold one are its SFT data.
-    rejection_samples: int = 4
-    rejection_temperature: float = 0.7
+    # Moved to rejection_sft.samples_per_problem / rejection_sft.temperature (kept only to say so).
+    rejection_samples: Optional[int] = None
+    rejection_temperature: Optional[float] = None
     # LightReasoner rounds: round r + 1 samples fresh problems with round r's model (merged).
     rounds: int = 1
 
@@ -340,8 +343,67 @@ class DemoConfig:
         if self.train_problems <= 0 or self.test_problems <= 0 or not self.seeds:
             raise LightReasonerError(f"{key}.train_problems, {key}.test_problems must be > 0 and {key}.seeds non-empty")
         _check_choice(f"{key}.eval_split", self.eval_split, ("test", "validation"))
-        if self.rejection_samples <= 0 or self.rejection_temperature <= 0 or self.rounds <= 0:
-            raise LightReasonerError(f"{key}.rejection_samples, {key}.rejection_temperature and {key}.rounds must be > 0")
+        for old, new in (("rejection_samples", "samples_per_problem"), ("rejection_temperature", "temperature")):
+            if getattr(self, old) is not None:
+                raise LightReasonerError(f"{key}.{old} is now rejection_sft.{new} (the same setting for `run` and "
+                                         f"the demo): rename it")
+        if self.rounds <= 0:
+            raise LightReasonerError(f"{key}.rounds must be > 0, got {self.rounds}")
+
+
+@dataclass
+class RejectionSFTConfig:
+    """The rejection-sampling SFT baseline (the paper's SFT): ``run`` trains it beside
+    LightReasoner when ``enabled``; the demo always does.
+
+    The expert samples ``samples_per_problem`` solutions to each of the run's problems
+    (the same ``data.*`` problems LightReasoner samples, with the same prompt); the
+    distinct ones whose answer grades equal to the gold one (``data.answer_field``) are
+    its SFT data, trained as one-hot labels through the same trainer and ``train.*``
+    settings (the three below may differ) into ``<output_dir>/rejection_sft/``.
+    """
+
+    enabled: bool = False
+    samples_per_problem: int = 4
+    # Sampling as rejection-sampling fine-tuning usually does (RFT: T = 0.7, no top-k); recorded.
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+    # Whole solutions: a truncated one rarely reaches its answer (sampling.max_new_tokens is
+    # LightReasoner's, 128 by default).
+    max_new_tokens: int = 512
+    # The answer-extraction rules the samples are graded with (grading.extract_answer's benchmark).
+    grader: str = "gsm8k"
+    # Empty: sampling.engine. The actors (sampling.num_actors, sampling.gpus_per_actor,
+    # sampling.cpus_per_actor) hold the expert alone, so vLLM may take most of the GPU.
+    engine: str = ""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # Training: null means train.max_steps / train.lr / train.steps_per_update. SFT data has every
+    # token of every kept solution as a step: to see it all, steps_per_update x max_steps must cover it.
+    max_steps: Optional[int] = None
+    lr: Optional[float] = None
+    steps_per_update: Optional[int] = None
+
+    def validate(self, key: str) -> None:
+        if self.samples_per_problem <= 0 or self.max_new_tokens <= 0:
+            raise LightReasonerError(f"{key}.samples_per_problem and {key}.max_new_tokens must be > 0")
+        if self.temperature <= 0:
+            raise LightReasonerError(
+                f"{key}.temperature must be > 0 (rejection sampling draws {self.samples_per_problem} different "
+                f"solutions a problem), got {self.temperature}"
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise LightReasonerError(f"{key}.top_p must be in (0, 1], got {self.top_p}")
+        from lightreasoner_ray.benchmarks import BENCHMARKS
+
+        _check_choice(f"{key}.grader", self.grader, BENCHMARKS)
+        if self.engine:
+            check_engine_name(f"{key}.engine", self.engine)
+        for name in ("max_steps", "steps_per_update"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LightReasonerError(f"{key}.{name} must be > 0 or null, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise LightReasonerError(f"{key}.lr must be > 0 or null, got {self.lr}")
 
 
 TRACKING_BACKENDS = ("none", "mlflow", "tensorboard", "wandb")
@@ -394,6 +456,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    rejection_sft: RejectionSFTConfig = field(default_factory=RejectionSFTConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs/run"
@@ -409,6 +472,11 @@ class Config:
             raise LightReasonerError(
                 f"rounds={self.rounds} needs data.limit: each round samples the next data.limit problems "
                 "of data.problems (fresh ones), so set data.limit to the problems one round samples"
+            )
+        if self.rejection_sft.steps_per_update is not None and self.rejection_sft.steps_per_update < self.train.num_workers:
+            raise LightReasonerError(
+                f"rejection_sft.steps_per_update={self.rejection_sft.steps_per_update} is smaller than "
+                f"train.num_workers={self.train.num_workers}: every update splits its steps across the workers"
             )
 
     def to_dict(self) -> dict[str, Any]:

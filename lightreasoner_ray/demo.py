@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 
 from lightreasoner_ray import storage
-from lightreasoner_ray.ablations import random_steps, select_by_beta, sft_rows, tuned_tokens
+from lightreasoner_ray.ablations import random_steps, select_by_beta, sft_rows, tuned_tokens, write_sample_set
 from lightreasoner_ray.config import Config, apply_override, build_config, join_path, parse_override
 from lightreasoner_ray.console import echo
 from lightreasoner_ray.errors import LightReasonerError
@@ -76,8 +75,8 @@ def demo_defaults() -> dict[str, Any]:
                   "deepspeed": {"stage": 2}},
         "eval": {"benchmarks": ["toy"], "max_new_tokens": 64, "batch_size": 64, "shard_size": 50, "num_actors": 2,
                  "system_prompt": TOY_SYSTEM_PROMPT},
-        "demo": {"seeds": [0, 1, 2], "rounds": 2, "eval_split": "test", "rejection_samples": 4,
-                 "rejection_temperature": 0.7},
+        "demo": {"seeds": [0, 1, 2], "rounds": 2, "eval_split": "test"},
+        "rejection_sft": {"samples_per_problem": 4, "temperature": 0.7, "max_new_tokens": 64, "grader": "toy"},
         "output_dir": "outputs/demo",
     }
 
@@ -103,15 +102,6 @@ def quick_pair_spec():
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     storage.write_bytes_atomic(str(path), "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
-
-
-def _write_samples(rows: list[dict[str, Any]], directory: str) -> None:
-    from lightreasoner_ray.sampler import SAMPLES_SCHEMA
-
-    storage.make_dirs(directory)
-    for stale in storage.list_parquet_files(directory):
-        Path(stale).unlink()
-    storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA), directory, "part-0.parquet")
 
 
 def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
@@ -181,12 +171,11 @@ def run_demo(config: Config) -> dict[str, Any]:
         [tokenizer.encode(by_id[row["problem_id"]]["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
          for row in sampled],
     )
-    rejection = _timed("rejection_sample", timings, rejection_sampled, base, sampled, by_id, tokenizer,
-                       join_path(out, "rejection"))
+    rejection = _timed("rejection_sample", timings, rejection_sampled, base)
     if not rejection["rows"]:
         raise LightReasonerError(
             f"demo: none of the expert's {rejection['sampled']} sampled solutions reached the gold answer; raise "
-            f"demo.rejection_samples or lower demo.rejection_temperature ({demo.rejection_temperature})"
+            f"rejection_sft.samples_per_problem or lower rejection_sft.temperature ({config.rejection_sft.temperature})"
         )
 
     per_variant = {
@@ -249,7 +238,7 @@ def _train_variant(base: Config, run_dir: str, rows: list[dict[str, Any]], seed:
                    expert_path: str | None = None) -> dict[str, Any]:
     from lightreasoner_ray.training import run_training
 
-    _write_samples(rows, join_path(run_dir, "samples"))
+    write_sample_set(rows, join_path(run_dir, "samples"))
     variant = dataclasses.replace(
         base, output_dir=run_dir,
         expert=dataclasses.replace(base.expert, path=expert_path or base.expert.path),
@@ -294,37 +283,18 @@ def _lightreasoner_round(base: Config, number: int, seed: int, expert_path: str,
     return run
 
 
-def rejection_sampled(base: Config, sampled: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], tokenizer,
-                      directory: str) -> dict[str, Any]:
-    """Rejection-sampling SFT data for the problems LightReasoner sampled: the expert samples
-    demo.rejection_samples solutions each at demo.rejection_temperature; the distinct ones
-    whose answer the grading module finds equal to the gold one are kept. Written to
-    ``directory`` once; a re-run reads them back."""
-    from lightreasoner_ray.rejection_sft import keep_correct, sample_solutions
+def rejection_sampled(base: Config) -> dict[str, Any]:
+    """Rejection-sampling SFT data for the problems LightReasoner sampled (the same file, all of
+    it), by the stage ``run`` uses (lightreasoner_ray.rejection_sft: Ray Data actors, the
+    engine layer), into ``<output_dir>/rejection_sft``; a re-run reads them back."""
+    from lightreasoner_ray.rejection_sft import rejection_dir, run_rejection_sampling
 
-    demo = base.demo
-    summary_path = join_path(directory, "rejection_summary.json")
-    if storage.exists(summary_path):
-        summary = storage.read_json(summary_path)
-        rows = storage.read_parquet(join_path(directory, "samples")).to_pylist() if summary["kept"] else []
-        return {**summary, "rows": rows, "resumed": True}
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base.expert.path, dtype="float32").eval()
-    prompts = [row["prompt_ids"] for row in sampled]
-    samples = sample_solutions(model, tokenizer, prompts, k=demo.rejection_samples,
-                               temperature=demo.rejection_temperature, max_new_tokens=base.sampling.max_new_tokens,
-                               seed=0, batch_size=base.sampling.batch_size)
-    result = keep_correct([row["problem_id"] for row in sampled], prompts, samples,
-                          [by_id[row["problem_id"]]["answer"] for row in sampled],
-                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True), benchmark="toy")
-    summary = {"samples_per_problem": demo.rejection_samples, "temperature": demo.rejection_temperature,
-               "problems": result.problems, "sampled": result.sampled, "correct": result.correct, "kept": result.kept,
-               "problems_with_a_kept_solution": result.problems_with_a_kept_solution}
-    if result.rows:
-        _write_samples(result.rows, join_path(directory, "samples"))
-    storage.write_json_atomic(summary_path, summary)
-    return {**summary, "rows": result.rows, "resumed": False}
+    summary = run_rejection_sampling(base)
+    counts = summary["counts"]
+    rows = storage.read_parquet(join_path(rejection_dir(base), "samples")).to_pylist() if counts["kept"] else []
+    return {"samples_per_problem": base.rejection_sft.samples_per_problem, "temperature": base.rejection_sft.temperature,
+            **{key: counts[key] for key in ("problems", "sampled", "correct", "kept", "problems_with_a_kept_solution")},
+            "rows": rows, "resumed": bool(counts["resumed_problems"])}
 
 
 SETTINGS_FILE = "demo_settings.json"

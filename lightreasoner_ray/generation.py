@@ -81,7 +81,10 @@ def sampled_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
                      temperature: float, top_p: float, n: int) -> list[list[list[int]]]:
     """``n`` completions per prompt (token ids, cut after the first EOS); greedy when ``temperature == 0``.
 
-    Uses torch's global random state: seed it (``torch.manual_seed``) for a reproducible draw.
+    Sampling is over the whole vocabulary at ``temperature`` with nucleus ``top_p`` and no
+    top-k (generate's own default would cut to the 50 likeliest tokens; vLLM's engine
+    does not either). Uses torch's global random state: seed it (``torch.manual_seed``)
+    for a reproducible draw.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -95,7 +98,7 @@ def sampled_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         do_sample=sample,
         temperature=temperature if sample else None,
         top_p=top_p if sample else None,
-        top_k=None,
+        top_k=0 if sample else None,
         repetition_penalty=1.0,
         num_return_sequences=n,
         pad_token_id=pad_id,

@@ -1,8 +1,10 @@
 """Loading the problems to sample from: JSONL, JSON or Parquet files, or hub datasets.
 
-Each problem becomes ``{"problem_id": str, "question": str}``. The id comes from the
-configured field (``auto``: ``id``, ``idx``, ``unique_id``), else a stable hash of the
-question, so a re-run sees the same ids and can skip what is done.
+Each problem becomes ``{"problem_id": str, "question": str, "line": int}``, plus
+``"answer"`` (the raw gold answer field, as text) when the row has one: only the
+rejection-sampling SFT baseline reads it. The id comes from the configured field
+(``auto``: ``id``, ``idx``, ``unique_id``), else a stable hash of the question, so a
+re-run sees the same ids and can skip what is done.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
 ID_FIELDS = ("id", "idx", "unique_id", "problem_id")
+ANSWER_FIELDS = ("answer", "final_answer", "solution")
 
 
 @dataclass
 class LoadedProblems:
-    problems: list[dict[str, str]]
+    problems: list[dict[str, Any]]
     source: str
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
 
@@ -105,7 +108,7 @@ def load_problems(config: DataConfig) -> LoadedProblems:
         rows = _hub_rows(config.problems, config.subset, config.split)
         source = f"hub:{config.problems}[{config.split}]"
 
-    problems: list[dict[str, str]] = []
+    problems: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
 
@@ -136,7 +139,12 @@ def load_problems(config: DataConfig) -> LoadedProblems:
             logger.warning("%s: duplicate problem id %s skipped", where, problem_id)
             continue
         seen.add(problem_id)
-        problems.append({"problem_id": problem_id, "question": question.strip()})
+        problem: dict[str, Any] = {"problem_id": problem_id, "question": question.strip(), "line": number}
+        answer_field = _pick(row, config.answer_field, ANSWER_FIELDS)
+        answer = row.get(answer_field) if answer_field else None
+        if isinstance(answer, (str, int, float)) and not isinstance(answer, bool) and str(answer).strip():
+            problem["answer"] = str(answer)
+        problems.append(problem)
 
     if skipped:
         logger.warning("skipped %d invalid rows of %s; first: %s", len(skipped), source, skipped[0])

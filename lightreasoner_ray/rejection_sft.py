@@ -1,53 +1,100 @@
-"""Rejection-sampling SFT data: the expert's own sampled solutions that reach the gold answer.
+"""Rejection-sampling SFT: the expert's own sampled solutions that reach the gold answer.
 
-The usual SFT baseline for reasoning (and the one the paper's efficiency claims are
-against): the expert samples ``k`` solutions per training problem at a temperature,
-the grading module keeps those whose final answer is equivalent to the gold one, and
-the expert is fine-tuned on them with one-hot labels (:func:`ablations.sft_rows`:
-KL(onehot || pi) is next-token cross-entropy, so the same trainer runs it). Unlike
+The usual SFT baseline for reasoning, and the one the paper's efficiency claims are
+against. The expert samples ``rejection_sft.samples_per_problem`` solutions to each
+problem at ``rejection_sft.temperature`` (Ray Data actors holding one generation
+engine each: ``hf``, ``vllm`` or a factory, as the other stages); the grading module
+keeps those whose final answer is equivalent to the gold one; the distinct kept
+solutions are trained as one-hot labels (:func:`ablations.sft_rows`: KL(onehot || pi)
+is next-token cross-entropy) through the same trainer as LightReasoner. Unlike
 LightReasoner it needs ground-truth answers.
+
+Outputs, under ``<output_dir>/rejection_sft/``: ``solutions/`` (Parquet, one row per
+problem: its k sampled solutions as token ids, their extracted answers and grades),
+``samples/`` (the SFT data in the samples schema, one row per kept solution),
+``rejection_settings.json``, ``rejection_summary.json``, and the training stage's
+``checkpoints/``, ``model/`` and ``train_summary.json``. Sampling resumes problem by
+problem, training from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
+import pyarrow as pa
 
-from lightreasoner_ray.ablations import sft_rows
-from lightreasoner_ray.generation import _pad_batch, eos_token_ids, truncate_at_eos
-from lightreasoner_ray.grading import extract_answer, is_equivalent
+from lightreasoner_ray import storage
+from lightreasoner_ray.ablations import sft_rows, tuned_tokens, write_sample_set
+from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.grading import extract_answer, is_equivalent, last_boxed
 
 logger = logging.getLogger(__name__)
 
+DIRECTORY = "rejection_sft"
+SETTINGS_FILE = "rejection_settings.json"
+SUMMARY_FILE = "rejection_summary.json"
 
-@torch.inference_mode()
-def sample_solutions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], k: int, temperature: float,
-                     max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[list[int]]]:
-    """``k`` sampled completions (token ids, cut after the first EOS) per prompt: pure
-    temperature sampling over the full vocabulary (no top-k/top-p), seeded."""
-    device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        samples: list[list[list[int]]] = []
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            input_ids, attention_mask = _pad_batch(batch, tokenizer.pad_token_id, left=True, device=device)
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=True,
-                temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0, num_return_sequences=k,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+SOLUTIONS_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("gold", pa.string()),
+        ("solutions", pa.list_(pa.list_(pa.int32()))),
+        ("answers", pa.list_(pa.string())),
+        ("correct", pa.list_(pa.bool_())),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------- pure core
+
+
+def gold_answer(raw: str) -> str:
+    """The answer itself from a gold answer field: the text after GSM8K's ``####``, else
+    a solution's last ``\\boxed{}``, else the text (``"#### 1,200"`` -> ``"1200"``)."""
+    text = str(raw).strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    boxed = last_boxed(text)
+    return boxed.strip() if boxed and boxed.strip() else text
+
+
+def gold_answers(loaded: Any, answer_field: str) -> dict[str, str]:
+    """Each loaded problem's gold answer (:func:`gold_answer`), or an error naming the row."""
+    from lightreasoner_ray.problems import ANSWER_FIELDS
+
+    answers = {}
+    for problem in loaded.problems:
+        answer = gold_answer(problem["answer"]) if "answer" in problem else ""
+        if not answer:
+            field = answer_field if answer_field != "auto" else "/".join(ANSWER_FIELDS)
+            raise LightReasonerError(
+                f"{loaded.source}, line {problem.get('line', '?')}: problem {problem['problem_id']} has no gold "
+                f"answer in field {field!r}; rejection_sft keeps the sampled solutions that reach the gold answer, "
+                "so every problem needs one: set data.answer_field to the field holding it"
             )
-            generated = output[:, input_ids.shape[1] :].tolist()
-            for row in range(len(batch)):
-                samples.append([truncate_at_eos(tokens, eos_ids) for tokens in generated[row * k : (row + 1) * k]])
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return samples
+        answers[problem["problem_id"]] = answer
+    return answers
+
+
+def grade_solutions(texts: Sequence[str], gold: str, grader: str) -> tuple[list[str], list[bool]]:
+    """Each sampled solution's extracted answer and whether it is equivalent to ``gold``."""
+    answers, correct = [], []
+    for text in texts:
+        try:
+            answer = extract_answer(text, grader)
+            good = bool(answer) and is_equivalent(answer, gold)
+        except Exception as exc:  # a grader bug must not sink a long run: that solution is dropped
+            logger.warning("grading a sampled solution failed (%s: %s); not kept", type(exc).__name__, exc)
+            answer, good = "", False
+        answers.append(answer)
+        correct.append(good)
+    return answers, correct
 
 
 @dataclass(frozen=True)
@@ -61,16 +108,16 @@ class RejectionResult:
 
 
 def keep_correct(problem_ids: Sequence[str], prompts: Sequence[Sequence[int]], samples: Sequence[Sequence[Sequence[int]]],
-                 gold_answers: Sequence[str], decode: Callable[[Sequence[int]], str], benchmark: str) -> RejectionResult:
-    """The distinct sampled solutions of each problem whose extracted answer is equivalent to
-    the gold one, as one-hot SFT rows (one row per kept solution, ``problem_id#j``)."""
+                 corrects: Sequence[Sequence[bool]]) -> RejectionResult:
+    """The distinct correct sampled solutions of each problem as one-hot SFT rows (one row per
+    kept solution, ``problem_id#j``). An empty completion is never kept."""
     ids, kept_prompts, solutions = [], [], []
     sampled = correct = covered = 0
-    for problem_id, prompt, completions, gold in zip(problem_ids, prompts, samples, gold_answers, strict=True):
+    for problem_id, prompt, completions, grades in zip(problem_ids, prompts, samples, corrects, strict=True):
         seen: set[tuple[int, ...]] = set()
-        for completion in completions:
+        for completion, good in zip(completions, grades, strict=True):
             sampled += 1
-            if not completion or not is_equivalent(extract_answer(decode(completion), benchmark), str(gold)):
+            if not completion or not good:
                 continue
             correct += 1
             if tuple(completion) in seen:
@@ -80,7 +127,191 @@ def keep_correct(problem_ids: Sequence[str], prompts: Sequence[Sequence[int]], s
             kept_prompts.append(prompt)
             solutions.append(list(completion))
         covered += bool(seen)
-    logger.info("rejection sampling: %d of %d sampled solutions correct, %d distinct kept, %d of %d problems covered",
-                correct, sampled, len(solutions), covered, len(problem_ids))
     return RejectionResult(rows=sft_rows(ids, kept_prompts, solutions), problems=len(problem_ids), sampled=sampled,
                            correct=correct, kept=len(solutions), problems_with_a_kept_solution=covered)
+
+
+# ----------------------------------------------------------------------------- Ray Data actor
+
+
+class SolutionSampler:
+    """One generation engine (the expert alone) on this process's device: samples k
+    solutions to each problem of a batch and grades them against its gold answer."""
+
+    def __init__(self, spec: Any, engine: str, grader: str) -> None:
+        from lightreasoner_ray.engine import resolve_engine_factory
+
+        self.engine = resolve_engine_factory(engine, "rejection_sft.engine")(spec)
+        self.grader = grader
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        prompts = batch.column("prompt_ids").to_pylist()
+        outputs = self.engine.generate([list(prompt) for prompt in prompts])
+        rows = []
+        for problem_id, prompt, gold, completions in zip(batch.column("problem_id").to_pylist(), prompts,
+                                                         batch.column("answer").to_pylist(), outputs, strict=True):
+            answers, correct = grade_solutions([completion.text for completion in completions], gold, self.grader)
+            rows.append({"problem_id": problem_id, "prompt_ids": prompt, "gold": gold,
+                         "solutions": [completion.token_ids for completion in completions], "answers": answers,
+                         "correct": correct})
+        logger.info("sampled %d solutions for %d problems in %.2fs", sum(len(r["solutions"]) for r in rows), len(rows),
+                    time.perf_counter() - started)
+        return pa.Table.from_pylist(rows, schema=SOLUTIONS_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def rejection_dir(config: Config) -> str:
+    return join_path(config.output_dir, DIRECTORY)
+
+
+def engine_name(config: Config) -> str:
+    return config.rejection_sft.engine or config.sampling.engine
+
+
+def rejection_settings(config: Config) -> dict[str, Any]:
+    """What the sampled solutions depend on: a resume must not mix two of these."""
+    from lightreasoner_ray.provenance import weights_fingerprint
+
+    settings = config.rejection_sft
+    return {
+        "expert": config.expert.path,  # informational: the fingerprint identifies the weights
+        "expert_weights": weights_fingerprint(config.expert.path),
+        "samples_per_problem": settings.samples_per_problem,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "max_new_tokens": settings.max_new_tokens,
+        "system_prompt": config.sampling.system_prompt,
+        "grader": settings.grader,
+        "answer_field": config.data.answer_field,
+        "engine": engine_name(config),
+    }
+
+
+def engine_spec(config: Config) -> Any:
+    from lightreasoner_ray.engine import EngineSpec
+
+    settings = config.rejection_sft
+    return EngineSpec(
+        model_path=config.expert.path, max_new_tokens=settings.max_new_tokens, batch_size=config.sampling.batch_size,
+        dtype=config.expert.dtype, trust_remote_code=config.expert.trust_remote_code,
+        temperature=settings.temperature, top_p=settings.top_p, n=settings.samples_per_problem, seed=settings.seed,
+        vllm=settings.vllm,
+    )
+
+
+def check_gold_answers(config: Config) -> None:
+    """Fail in seconds, before any model is loaded, when a problem has no gold answer."""
+    from lightreasoner_ray.problems import load_problems
+
+    gold_answers(load_problems(config.data), config.data.answer_field)
+
+
+def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
+    """Sample and grade the solutions of every problem not yet in ``solutions/``, then
+    (re)build ``samples/`` from all of them; return (and write) the summary."""
+    import ray
+
+    from lightreasoner_ray.engine import resolve_engine_factory
+    from lightreasoner_ray.ray_session import init_ray
+    from lightreasoner_ray.sampling import check_sampling_settings, finished_problem_ids, prepare_problems, write_batches
+
+    started = time.time()
+    directory = rejection_dir(config)
+    solutions_dir, samples_dir = join_path(directory, "solutions"), join_path(directory, "samples")
+    engine = engine_name(config)
+    if engine != "hf":  # a missing vLLM or a bad factory path fails before any work
+        resolve_engine_factory(engine, "rejection_sft.engine")
+    problems, info = prepare_problems(config, with_answers=True)
+    if restart:
+        from lightreasoner_ray.provenance import restart_stage
+
+        restart_stage("rejection_sft", [directory])
+    storage.make_dirs(solutions_dir)
+    storage.remove_stale_temporaries(solutions_dir)
+    settings = rejection_settings(config)
+    check_sampling_settings(directory, solutions_dir, settings, SETTINGS_FILE, "lightreasoner run")
+    done = finished_problem_ids(solutions_dir)
+    todo = [problem for problem in problems if problem["problem_id"] not in done]
+    logger.info("rejection sampling: %d problems, %d already sampled, %d to go", len(problems),
+                len(problems) - len(todo), len(todo))
+    summary_path = join_path(directory, SUMMARY_FILE)
+    if not todo and storage.exists(summary_path) and storage.list_parquet_files(samples_dir):
+        return storage.read_json(summary_path)  # finished before: nothing new to build
+
+    if todo:
+        init_ray(config.ray)
+        sampling = config.sampling
+        dataset = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * sampling.num_actors)))
+        dataset = dataset.map_batches(
+            SolutionSampler,
+            fn_constructor_kwargs=dict(spec=engine_spec(config), engine=engine, grader=config.rejection_sft.grader),
+            batch_size=sampling.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=sampling.num_actors),
+            num_gpus=sampling.gpus_per_actor or None,
+            num_cpus=sampling.cpus_per_actor,
+        )
+        for _ in write_batches(dataset, solutions_dir, len(todo), "rejection sampling", sampling.rows_per_file):
+            pass
+
+    wanted = {problem["problem_id"] for problem in problems}
+    table = pa.concat_tables([storage.read_parquet(path) for path in storage.list_parquet_files(solutions_dir)])
+    solved = sorted((row for row in table.to_pylist() if row["problem_id"] in wanted), key=lambda row: row["problem_id"])
+    result = keep_correct([row["problem_id"] for row in solved], [row["prompt_ids"] for row in solved],
+                          [row["solutions"] for row in solved], [row["correct"] for row in solved])
+    if result.rows:
+        write_sample_set(result.rows, samples_dir)
+    logger.info("rejection sampling: %d of %d sampled solutions correct, %d distinct kept, %d of %d problems covered",
+                result.correct, result.sampled, result.kept, result.problems_with_a_kept_solution, result.problems)
+    summary = {
+        "settings": settings,
+        "problems_source": info["source"],
+        "counts": {"problems": result.problems, "sampled": result.sampled, "correct": result.correct,
+                   "kept": result.kept, "problems_with_a_kept_solution": result.problems_with_a_kept_solution,
+                   "tuned_tokens": tuned_tokens(result.rows), "resumed_problems": len(problems) - len(todo)},
+        "timing": {"wall_time_s": time.time() - started, "problems_this_run": len(todo)},
+    }
+    storage.write_json_atomic(summary_path, summary)
+    return summary
+
+
+def training_config(config: Config) -> Config:
+    """The training stage's config: the kept solutions as samples, its own output directory,
+    ``train.*`` with ``rejection_sft.max_steps / lr / steps_per_update`` where set."""
+    settings = config.rejection_sft
+    directory = rejection_dir(config)
+    overrides = {name: getattr(settings, name) for name in ("max_steps", "lr", "steps_per_update")
+                 if getattr(settings, name) is not None}
+    train = dataclasses.replace(config.train, samples=join_path(directory, "samples"), **overrides)
+    train = dataclasses.replace(train, checkpoint_every=min(train.checkpoint_every, train.max_steps))
+    return dataclasses.replace(config, output_dir=directory, train=train)
+
+
+def run_rejection_sft(config: Config, restart: bool = False) -> dict[str, Any]:
+    """Rejection sampling, then SFT on the kept solutions; returns both summaries and
+    this invocation's wall time of each part."""
+    from lightreasoner_ray.pipeline import _training_done
+    from lightreasoner_ray.training import run_training
+
+    started = time.time()
+    sampling = run_rejection_sampling(config, restart=restart)
+    sampled_at = time.time()
+    counts = sampling["counts"]
+    if not counts["kept"]:
+        raise LightReasonerError(
+            f"rejection_sft: none of the expert's {counts['sampled']} sampled solutions reached the gold answer "
+            f"(summary: {join_path(rejection_dir(config), SUMMARY_FILE)}); raise rejection_sft.samples_per_problem "
+            "or rejection_sft.max_new_tokens, or check data.answer_field and rejection_sft.grader"
+        )
+    train_config = training_config(config)
+    training = None if restart else _training_done(train_config)
+    if training is None:
+        training = run_training(train_config, restart=restart)
+    else:
+        logger.info("rejection_sft: training already finished (%s steps), skipped", training["steps"])
+    return {"sampling": sampling, "training": training,
+            "stage_wall_time_s": {"sample": sampled_at - started, "train": time.time() - sampled_at}}

@@ -25,7 +25,7 @@ from typing import Any
 from lightreasoner_ray import storage
 from lightreasoner_ray.config import Config, ExportConfig, join_path
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.pipeline import BASELINE_TAG, TRAINED_TAG, run_round
+from lightreasoner_ray.pipeline import BASELINE_TAG, REJECTION_SFT_TAG, TRAINED_TAG, run_round
 from lightreasoner_ray.reports import markdown_table, paper_order, percent, title
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def round_config(config: Config, round_number: int, expert_path: str) -> Config:
         data=data,
         # Each round's adapter is merged to the round's defaults (<round dir>/merged).
         export=ExportConfig(dtype=config.export.dtype),
+        # The rejection-sampling SFT baseline is trained once, beside round 1, from the original expert.
+        rejection_sft=dataclasses.replace(config.rejection_sft, enabled=config.rejection_sft.enabled and round_number == 1),
         rounds=1,
     )
 
@@ -139,6 +141,8 @@ def round_row(number: int, config: Config, report: dict[str, Any], wall_time_s: 
         "accuracy": _accuracies(results, TRAINED_TAG),
         # Round 1 also evaluated the untouched expert: the accuracy every round is measured against.
         "baseline_accuracy": _accuracies(results, BASELINE_TAG) if number == 1 else None,
+        "rejection_sft_accuracy": _accuracies(results, REJECTION_SFT_TAG) if REJECTION_SFT_TAG in results["models"] else None,
+        "rejection_sft_tuned_tokens": report.get("rejection_sft", {}).get("tuned_tokens"),
         "wall_time_s": wall_time_s,
     }
 
@@ -150,6 +154,10 @@ def rounds_markdown(summary: dict[str, Any]) -> str:
     for row in rows:
         table.append([f"after round {row['round']}", row["problems_sampled"], row["tuned_tokens"],
                       *[percent(row["accuracy"].get(b)) for b in benchmarks], f"{row['wall_time_s']:.0f} s"])
+    if rows[0].get("rejection_sft_accuracy"):
+        table.append(["SFT (rejection-sampled), round 1's problems", rows[0]["problems_sampled"],
+                      rows[0]["rejection_sft_tuned_tokens"],
+                      *[percent(rows[0]["rejection_sft_accuracy"].get(b)) for b in benchmarks], "–"])
     columns = ["model", "problems sampled", "tuned tokens", *[f"{title(b)} (%)" for b in benchmarks], "wall time"]
     return (f"# LightReasoner rounds\n\nOutputs under `{summary['output_dir']}` (round 1 there, round r in "
             f"`round-<r>/`). Each round samples fresh problems with the previous round's expert, merged.\n\n"

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -39,8 +39,13 @@ def _model_context(path: str, trust_remote_code: bool) -> int:
     return int(getattr(model_config, "max_position_embeddings", 0) or 1 << 30)
 
 
-def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Load and tokenize the problems; check the models, tokenizers and prompt lengths."""
+def prepare_problems(config: Config, with_answers: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Load and tokenize the problems; check the models, tokenizers and prompt lengths.
+
+    ``with_answers`` (rejection-sampling SFT) also keeps each problem's gold answer,
+    reduced to the answer itself (:func:`lightreasoner_ray.rejection_sft.gold_answer`),
+    and refuses a problem without one.
+    """
     check_model_path(config.expert.path, "expert")
     check_model_path(config.amateur.path, "amateur")
     expert_tokenizer = load_tokenizer(config.expert, "expert")
@@ -51,6 +56,10 @@ def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, An
         _model_context(config.amateur.path, config.amateur.trust_remote_code),
     )
     loaded = load_problems(config.data)
+    if with_answers:
+        from lightreasoner_ray.rejection_sft import gold_answers
+
+        answers = gold_answers(loaded, config.data.answer_field)
     problems = []
     for problem in loaded.problems:
         ids = prompt_ids(expert_tokenizer, problem["question"], config.sampling.system_prompt)
@@ -59,7 +68,8 @@ def prepare_problems(config: Config) -> tuple[list[dict[str, Any]], dict[str, An
                 f"{loaded.source}: problem {problem['problem_id']}: the prompt is {len(ids)} tokens, "
                 f"longer than the models' context of {context} tokens"
             )
-        problems.append({"problem_id": problem["problem_id"], "prompt_ids": ids})
+        problems.append({"problem_id": problem["problem_id"], "prompt_ids": ids,
+                         **({"answer": answers[problem["problem_id"]]} if with_answers else {})})
     info = {"source": loaded.source, "skipped_invalid": len(loaded.skipped), "context": context}
     return problems, info
 
@@ -93,15 +103,17 @@ def sampling_settings(config: Config) -> dict[str, Any]:
     }
 
 
-def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any]) -> None:
+def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any],
+                            settings_file: str = SETTINGS_FILE, command: str = "lightreasoner sample") -> None:
     """Record the settings of a new samples directory; refuse to resume one made with others.
 
-    The record sits beside ``samples/``, which stays a pure Parquet dataset.
+    The record (``settings_file`` in ``output_dir``) sits beside ``samples/``, which
+    stays a pure Parquet dataset.
     """
-    path = join_path(output_dir, SETTINGS_FILE)
+    path = join_path(output_dir, settings_file)
     if not storage.exists(path):
         if storage.list_parquet_files(samples_dir):
-            logger.warning("%s has samples but no %s; resuming without checking their settings", samples_dir, SETTINGS_FILE)
+            logger.warning("%s has samples but no %s; resuming without checking their settings", samples_dir, settings_file)
         storage.write_json_atomic(path, settings)
         return
     recorded = storage.read_json(path)
@@ -110,7 +122,7 @@ def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[st
     if changed:
         raise LightReasonerError(
             f"{samples_dir} holds samples made with other settings ({'; '.join(changed)}); resuming would mix them. "
-            "Use a new output_dir, or re-run with `lightreasoner sample --restart` to discard them and start over."
+            f"Use a new output_dir, or re-run with `{command} --restart` to discard them and start over."
         )
 
 
@@ -176,24 +188,32 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
             num_gpus=sampling.gpus_per_actor or None,
             num_cpus=sampling.cpus_per_actor,
         )
-        from tqdm.auto import tqdm
-
-        from lightreasoner_ray.console import progress_stream
-
-        kill_after = int(os.environ.get(TEST_KILL_ENV, "0"))
-        with tqdm(total=len(todo), desc="sampling problems", unit="problem", file=progress_stream()) as progress:
-            for files, batch in enumerate(dataset.iter_batches(batch_size=sampling.rows_per_file, batch_format="pyarrow"), 1):
-                storage.write_parquet_atomic(batch, samples_dir, f"part-{uuid.uuid4().hex}.parquet")
-                if files == kill_after:  # tests: die like a killed job, mid-run, at a known point
-                    os.kill(os.getpid(), signal.SIGKILL)
-                new_rows += batch.num_rows
-                new_tokens += sum(len(c) for c in batch.column("completion_ids").to_pylist())
-                progress.update(batch.num_rows)
+        for batch in write_batches(dataset, samples_dir, len(todo), "sampling problems", sampling.rows_per_file):
+            new_rows += batch.num_rows
+            new_tokens += sum(len(c) for c in batch.column("completion_ids").to_pylist())
     wall = time.time() - started
     summary = summarize_samples(config, info, wall_time=wall, new_rows=new_rows, new_tokens=new_tokens,
                                 resumed=len(problems) - len(todo))
     storage.write_json_atomic(join_path(config.output_dir, "samples_summary.json"), summary)
     return summary
+
+
+def write_batches(dataset: Any, directory: str, total: int, description: str, rows_per_file: int) -> Iterator[Any]:
+    """Write a Ray Dataset's rows to ``directory`` as Parquet files of ``rows_per_file`` rows,
+    each atomically (a killed run loses only the rows in flight), with a progress bar;
+    yields each table once it is on disk."""
+    from tqdm.auto import tqdm
+
+    from lightreasoner_ray.console import progress_stream
+
+    kill_after = int(os.environ.get(TEST_KILL_ENV, "0"))
+    with tqdm(total=total, desc=description, unit="problem", file=progress_stream()) as progress:
+        for files, batch in enumerate(dataset.iter_batches(batch_size=rows_per_file, batch_format="pyarrow"), 1):
+            storage.write_parquet_atomic(batch, directory, f"part-{uuid.uuid4().hex}.parquet")
+            if files == kill_after:  # tests: die like a killed job, mid-run, at a known point
+                os.kill(os.getpid(), signal.SIGKILL)
+            progress.update(batch.num_rows)
+            yield batch
 
 
 def summarize_samples(config: Config, info: dict[str, Any], wall_time: float, new_rows: int, new_tokens: int,

@@ -26,7 +26,8 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
         "train.checkpoint_every=2", "sampling.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={output_dir}",
         # The quick pair writes mostly noise: 16 samples a problem at temperature 1 give a few whose
         # answer (here its last number) is the gold one.
-        "demo.rounds=2", "demo.rejection_samples=16", "demo.rejection_temperature=1.0",
+        "demo.rounds=2", "rejection_sft.samples_per_problem=16", "rejection_sft.temperature=1.0",
+        "rejection_sft.max_new_tokens=24",
     ]
     # Through the command line, as a user runs it: the console fits on a screen and ends with the
     # table (lines end in "\n"; a progress bar redraws its line with "\r"); the rest is in logs/.
@@ -60,7 +61,7 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
     from lightreasoner_ray.toy.pair import _load
     _, tokenizer = _load(report["toy_pair"]["expert"])
     gold = {row["id"]: row for row in map(json.loads, (output_dir / "data" / "toy_train.jsonl").read_text().splitlines())}
-    kept = pq.read_table(output_dir / "rejection" / "samples").to_pylist()
+    kept = pq.read_table(output_dir / "rejection_sft" / "samples").to_pylist()
     assert len(kept) == rejection["kept"] and len({(r["problem_id"].split("#")[0], tuple(r["completion_ids"])) for r in kept}) == len(kept)
     for row in kept:
         text = tokenizer.decode(row["completion_ids"], skip_special_tokens=True)

