@@ -383,6 +383,9 @@ class RejectionSFTConfig:
     max_steps: Optional[int] = None
     lr: Optional[float] = None
     steps_per_update: Optional[int] = None
+    # Null: train.micro_batch_steps, raised to max_new_tokens, so a whole solution trains in one
+    # forward pass (a smaller cap splits it into prefix pieces, each a forward over its prefix).
+    micro_batch_steps: Optional[int] = None
 
     def validate(self, key: str) -> None:
         if self.samples_per_problem <= 0 or self.max_new_tokens <= 0:
@@ -399,7 +402,7 @@ class RejectionSFTConfig:
         _check_choice(f"{key}.grader", self.grader, BENCHMARKS)
         if self.engine:
             check_engine_name(f"{key}.engine", self.engine)
-        for name in ("max_steps", "steps_per_update"):
+        for name in ("max_steps", "steps_per_update", "micro_batch_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise LightReasonerError(f"{key}.{name} must be > 0 or null, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:

@@ -32,6 +32,7 @@ from lightreasoner_ray.ablations import sft_rows, tuned_tokens, write_sample_set
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.grading import extract_answer, is_equivalent, last_boxed
+from lightreasoner_ray.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ def check_gold_answers(config: Config) -> None:
     gold_answers(load_problems(config.data), config.data.answer_field)
 
 
+@tracked_stage("rejection_sample")
 def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     """Sample and grade the solutions of every problem not yet in ``solutions/``, then
     (re)build ``samples/`` from all of them; return (and write) the summary."""
@@ -281,11 +283,13 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
 
 def training_config(config: Config) -> Config:
     """The training stage's config: the kept solutions as samples, its own output directory,
-    ``train.*`` with ``rejection_sft.max_steps / lr / steps_per_update`` where set."""
+    ``train.*`` with ``rejection_sft.max_steps / lr / steps_per_update / micro_batch_steps``
+    where set; by default a micro-batch holds a whole solution (``max_new_tokens`` steps)."""
     settings = config.rejection_sft
     directory = rejection_dir(config)
-    overrides = {name: getattr(settings, name) for name in ("max_steps", "lr", "steps_per_update")
+    overrides = {name: getattr(settings, name) for name in ("max_steps", "lr", "steps_per_update", "micro_batch_steps")
                  if getattr(settings, name) is not None}
+    overrides.setdefault("micro_batch_steps", max(config.train.micro_batch_steps, settings.max_new_tokens))
     train = dataclasses.replace(config.train, samples=join_path(directory, "samples"), **overrides)
     train = dataclasses.replace(train, checkpoint_every=min(train.checkpoint_every, train.max_steps))
     return dataclasses.replace(config, output_dir=directory, train=train)

@@ -394,8 +394,12 @@ def _stage_outputs(stage: str, config: Any, result: Any) -> tuple[dict[str, floa
                 metrics[metric_name("eval", tag, "average")] = float(model["average"])
         directory = Path(eval_dir(config))
         return metrics, [str(directory / name) for name in ("results.json", "results.md", "results.png")]
+    if stage == "rejection_sample":
+        summary = {k: result.get(k) for k in ("counts", "timing")}
+        return numeric_leaves(summary, "rejection_sampling"), [str(out / "rejection_sft" / "rejection_summary.json")]
     if stage == "run":
-        report = {k: result.get(k) for k in ("stage_wall_time_s", "total_wall_time_s", "problems_sampled", "tokens")}
+        report = {k: result.get(k) for k in ("stage_wall_time_s", "total_wall_time_s", "problems_sampled", "tokens",
+                                             "rejection_sft")}
         return numeric_leaves(report, "report"), [str(out / "report.json"), str(out / "report.md")]
     if stage == "demo":
         return {}, [str(out / name) for name in ("demo_results.json", "demo_results.md", "demo_results.png")]

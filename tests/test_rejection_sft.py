@@ -87,6 +87,20 @@ def test_training_config_uses_train_settings_unless_overridden():
     assert trained.output_dir == "/o/rejection_sft" and trained.train.samples == "/o/rejection_sft/samples"
     assert (trained.train.max_steps, trained.train.lr, trained.train.steps_per_update) == (20, 5e-5, 64)
     assert trained.train.lora == config.train.lora and trained.expert == config.expert
+    # A whole solution (up to rejection_sft.max_new_tokens tokens) trains in one forward pass, unless set.
+    assert config.train.micro_batch_steps == 8 and trained.train.micro_batch_steps == 512
+    assert training_config(load_config(TINY, ["rejection_sft.micro_batch_steps=32"])).train.micro_batch_steps == 32
+
+
+def test_tracking_logs_the_rejection_sampling_counts(tmp_path):
+    from lightreasoner_ray.tracking import _stage_outputs
+
+    config = load_config(TINY, [f"output_dir={tmp_path}"])
+    summary = {"settings": {"temperature": 0.7}, "counts": {"problems": 4, "kept": 3}, "timing": {"wall_time_s": 2.5}}
+    metrics, artefacts = _stage_outputs("rejection_sample", config, summary)
+    assert metrics == {"rejection_sampling/counts.problems": 4.0, "rejection_sampling/counts.kept": 3.0,
+                       "rejection_sampling/timing.wall_time_s": 2.5}
+    assert artefacts == [str(tmp_path / "rejection_sft" / "rejection_summary.json")]
 
 
 def test_hf_sampling_draws_from_the_whole_vocabulary_not_the_top_50(tiny_pair):
