@@ -215,11 +215,10 @@ def check_gold_answers(config: Config) -> None:
 def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     """Sample and grade the solutions of every problem not yet in ``solutions/``, then
     (re)build ``samples/`` from all of them; return (and write) the summary."""
-    import ray
-
     from lightreasoner_ray.engine import resolve_engine_factory
     from lightreasoner_ray.ray_session import init_ray
-    from lightreasoner_ray.sampling import check_sampling_settings, finished_problem_ids, prepare_problems, write_batches
+    from lightreasoner_ray.sampling import (actor_pool_map, check_sampling_settings, finished_problem_ids,
+                                            prepare_problems, write_batches)
 
     started = time.time()
     directory = rejection_dir(config)
@@ -247,16 +246,8 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     if todo:
         init_ray(config.ray)
         sampling = config.sampling
-        dataset = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * sampling.num_actors)))
-        dataset = dataset.map_batches(
-            SolutionSampler,
-            fn_constructor_kwargs=dict(spec=engine_spec(config), engine=engine, grader=config.rejection_sft.grader),
-            batch_size=sampling.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=sampling.num_actors),
-            num_gpus=sampling.gpus_per_actor or None,
-            num_cpus=sampling.cpus_per_actor,
-        )
+        dataset = actor_pool_map(todo, SolutionSampler, sampling,
+                                 dict(spec=engine_spec(config), engine=engine, grader=config.rejection_sft.grader))
         for _ in write_batches(dataset, solutions_dir, len(todo), "rejection sampling", sampling.rows_per_file):
             pass
 

@@ -139,8 +139,6 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
 
     ``restart`` first removes the samples, their settings record and summary.
     """
-    import ray
-
     from lightreasoner_ray.engine import resolve_engine_factory
     from lightreasoner_ray.ray_session import init_ray
     from lightreasoner_ray.sampler import ContrastiveSampler
@@ -168,26 +166,17 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     if todo:
         init_ray(config.ray)
         sampling = config.sampling
-        dataset = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 4 * sampling.num_actors)))
-        dataset = dataset.map_batches(
-            ContrastiveSampler,
-            fn_constructor_kwargs=dict(
-                expert=config.expert,
-                amateur=config.amateur,
-                alpha=sampling.alpha,
-                beta=sampling.beta,
-                max_new_tokens=sampling.max_new_tokens,
-                position_chunk=sampling.position_chunk,
-                selection=sampling.selection,
-                engine=sampling.engine,
-                vllm=sampling.vllm,
-            ),
-            batch_size=sampling.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=sampling.num_actors),
-            num_gpus=sampling.gpus_per_actor or None,
-            num_cpus=sampling.cpus_per_actor,
-        )
+        dataset = actor_pool_map(todo, ContrastiveSampler, sampling, dict(
+            expert=config.expert,
+            amateur=config.amateur,
+            alpha=sampling.alpha,
+            beta=sampling.beta,
+            max_new_tokens=sampling.max_new_tokens,
+            position_chunk=sampling.position_chunk,
+            selection=sampling.selection,
+            engine=sampling.engine,
+            vllm=sampling.vllm,
+        ))
         for batch in write_batches(dataset, samples_dir, len(todo), "sampling problems", sampling.rows_per_file):
             new_rows += batch.num_rows
             new_tokens += sum(len(c) for c in batch.column("completion_ids").to_pylist())
@@ -196,6 +185,23 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
                                 resumed=len(problems) - len(todo))
     storage.write_json_atomic(join_path(config.output_dir, "samples_summary.json"), summary)
     return summary
+
+
+def actor_pool_map(items: list[dict[str, Any]], actor_class: type, sampling: Any, constructor_kwargs: dict[str, Any]) -> Any:
+    """A Ray Dataset of ``items`` mapped, ``sampling.batch_size`` rows at a time, through a pool of
+    ``sampling.num_actors`` ``actor_class`` actors (``sampling.gpus_per_actor``/``cpus_per_actor`` each)."""
+    import ray
+
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * sampling.num_actors)))
+    return dataset.map_batches(
+        actor_class,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=sampling.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=sampling.num_actors),
+        num_gpus=sampling.gpus_per_actor or None,
+        num_cpus=sampling.cpus_per_actor,
+    )
 
 
 def write_batches(dataset: Any, directory: str, total: int, description: str, rows_per_file: int) -> Iterator[Any]:
