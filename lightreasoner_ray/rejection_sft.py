@@ -240,8 +240,15 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     logger.info("rejection sampling: %d problems, %d already sampled, %d to go", len(problems),
                 len(problems) - len(todo), len(todo))
     summary_path = join_path(directory, SUMMARY_FILE)
-    if not todo and storage.exists(summary_path) and storage.list_parquet_files(samples_dir):
-        return storage.read_json(summary_path)  # finished before: nothing new to build
+    from lightreasoner_ray.provenance import settings_fingerprint
+
+    # The SFT data is built from the solutions of exactly these problems (data.limit may shrink).
+    problem_set = settings_fingerprint({"problem_ids": sorted(problem["problem_id"] for problem in problems)})
+    if not todo and storage.exists(summary_path):
+        previous = storage.read_json(summary_path)
+        if previous.get("problem_set") == problem_set and (
+                not previous["counts"]["kept"] or storage.list_parquet_files(samples_dir)):
+            return previous  # finished before: nothing new to build
 
     if todo:
         init_ray(config.ray)
@@ -258,11 +265,16 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
                           [row["solutions"] for row in solved], [row["correct"] for row in solved])
     if result.rows:
         write_sample_set(result.rows, samples_dir)
+    else:  # no SFT data: nothing of an earlier problem set may stay to be trained on
+        from lightreasoner_ray.provenance import remove_path
+
+        remove_path(samples_dir)
     logger.info("rejection sampling: %d of %d sampled solutions correct, %d distinct kept, %d of %d problems covered",
                 result.correct, result.sampled, result.kept, result.problems_with_a_kept_solution, result.problems)
     summary = {
         "settings": settings,
         "problems_source": info["source"],
+        "problem_set": problem_set,
         "counts": {"problems": result.problems, "sampled": result.sampled, "correct": result.correct,
                    "kept": result.kept, "problems_with_a_kept_solution": result.problems_with_a_kept_solution,
                    "tuned_tokens": tuned_tokens(result.rows), "resumed_problems": len(problems) - len(todo)},

@@ -120,6 +120,28 @@ def test_hf_sampling_draws_from_the_whole_vocabulary_not_the_top_50(tiny_pair):
     assert len(drawn) == 64 and any(token not in top50 for token in drawn)
 
 
+@pytest.mark.slow
+def test_rejection_sampling_resumes_and_its_sft_data_follows_the_problem_set(tiny_pair, problems_file, tmp_path, ray_local):
+    """Four problems sampled; the same run again does nothing; a re-run with data.limit=2 samples
+    nothing and rebuilds the summary (and the SFT data, none here: random weights) from those two
+    problems' solutions only; a changed temperature is refused."""
+    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+
+    overrides = [f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}",
+                 f"data.problems={problems_file}", "data.shuffle=false", f"output_dir={tmp_path}",
+                 "sampling.num_actors=1", "rejection_sft.samples_per_problem=2", "rejection_sft.max_new_tokens=8",
+                 "rejection_sft.temperature=1.0"]
+    first = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4"]))
+    assert (first["counts"]["problems"], first["counts"]["sampled"], first["counts"]["resumed_problems"]) == (4, 8, 0)
+    again = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4"]))
+    assert again == first  # nothing to do: the summary as it was
+    fewer = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=2"]))
+    assert (fewer["counts"]["problems"], fewer["counts"]["sampled"], fewer["counts"]["resumed_problems"]) == (2, 4, 2)
+    assert fewer["timing"]["problems_this_run"] == 0
+    with pytest.raises(LightReasonerError, match=r"temperature: 1.0 -> 0.5.*lightreasoner run --restart"):
+        run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4", "rejection_sft.temperature=0.5"]))
+
+
 # --- `lightreasoner run rejection_sft.enabled=true`, through the command line ------------------
 
 @pytest.fixture(scope="module")
