@@ -360,7 +360,8 @@ class RejectionSFTConfig:
     (the same ``data.*`` problems LightReasoner samples, with the same prompt); the
     distinct ones whose answer grades equal to the gold one (``data.answer_field``) are
     its SFT data, trained as one-hot labels through the same trainer and ``train.*``
-    settings (the three below may differ) into ``<output_dir>/rejection_sft/``.
+    settings (the four training keys below may differ in ``run``; the demo trains it with
+    ``train.*`` as every variant) into ``<output_dir>/rejection_sft/``.
     """
 
     enabled: bool = False
@@ -383,8 +384,10 @@ class RejectionSFTConfig:
     max_steps: Optional[int] = None
     lr: Optional[float] = None
     steps_per_update: Optional[int] = None
-    # Null: train.micro_batch_steps, raised to max_new_tokens, so a whole solution trains in one
-    # forward pass (a smaller cap splits it into prefix pieces, each a forward over its prefix).
+    # Null: train.micro_batch_steps, raised to max_new_tokens. A solution trains in one forward pass
+    # only when it fits both this cap and one worker's share of an update (steps_per_update /
+    # train.num_workers); otherwise it is cut into prefix pieces, each a forward over its prefix
+    # (correct, but slower: set steps_per_update >= max_new_tokens x num_workers to avoid it).
     micro_batch_steps: Optional[int] = None
 
     def validate(self, key: str) -> None:

@@ -81,6 +81,12 @@ def check_before_start(config: Config) -> None:
     if config.rejection_sft.enabled:
         from lightreasoner_ray.rejection_sft import check_gold_answers
 
+        if config.eval.models:
+            raise LightReasonerError(
+                "rejection_sft.enabled with eval.models set: the baseline would be trained but not evaluated; leave "
+                f"eval.models empty (baseline, lightreasoner and {REJECTION_SFT_TAG} are evaluated) or add "
+                f"{REJECTION_SFT_TAG}={join_path(config.output_dir, 'rejection_sft', 'model')} to it"
+            )
         check_gold_answers(config)  # every problem has a gold answer to filter the sampled solutions by
 
 
@@ -133,7 +139,10 @@ def run_round(config: Config, eval_models: list[str] | None = None, restart: boo
 
     started = time.time()
     logger.info("stage 3/3: evaluating the baseline and the trained expert")
-    eval_config = dataclasses.replace(config.eval, model="", models=eval_models or pipeline_eval_models(config))
+    models = eval_models or pipeline_eval_models(config)
+    if rejection is not None and rejection["training"] is None:  # nothing was kept, so nothing was trained
+        models = [spec for spec in models if not spec.startswith(f"{REJECTION_SFT_TAG}=")]
+    eval_config = dataclasses.replace(config.eval, model="", models=models)
     results = run_evaluation(dataclasses.replace(config, eval=eval_config), restart=restart)
     stage_seconds["evaluate"] = time.time() - started
 
@@ -178,7 +187,7 @@ def efficiency_report(config: Config, samples: dict[str, Any], training: dict[st
 def rejection_comparison(counts: dict[str, Any], stage_seconds: dict[str, float], rejection: dict[str, Any]) -> dict[str, Any]:
     """The paper's three efficiency measures, LightReasoner against SFT on rejection-sampled
     solutions: wall time (sampling + training), problems sampled, tuned tokens."""
-    sampled, trained = rejection["sampling"], rejection["training"]
+    sampled, trained = rejection["sampling"], rejection["training"] or {}
     rejection_counts = sampled["counts"]
     lightreasoner_time = stage_seconds["sample"] + stage_seconds["train"]
     rejection_time = stage_seconds["rejection_sft_sample"] + stage_seconds["rejection_sft_train"]
@@ -255,6 +264,8 @@ def rejection_markdown(report: dict[str, Any]) -> str:
          ratio(ratios["wall_time"])],
     ]
     note = " Some stages resumed earlier work: their wall times are this run's, not the stage's cost." if rejection["resumed"] else ""
+    if not rejection["solutions_kept"]:
+        note += " No sampled solution reached the gold answer: there was nothing to train, so no SFT model was evaluated."
     return (
         f"## Against SFT on rejection-sampled solutions\n\nThe expert sampled {settings['samples_per_problem']} "
         f"solutions a problem (temperature {settings['temperature']}, top-p {settings['top_p']}, up to "

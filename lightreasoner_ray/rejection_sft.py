@@ -234,7 +234,10 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     storage.make_dirs(solutions_dir)
     storage.remove_stale_temporaries(solutions_dir)
     settings = rejection_settings(config)
-    check_sampling_settings(directory, solutions_dir, settings, SETTINGS_FILE, "lightreasoner run")
+    check_sampling_settings(
+        directory, solutions_dir, settings, SETTINGS_FILE,
+        f"delete {directory} (the rejection-sampling SFT baseline's work only; LightReasoner's stays) to sample it "
+        "again, or run `lightreasoner run --restart` to start every stage over")
     done = finished_problem_ids(solutions_dir)
     todo = [problem for problem in problems if problem["problem_id"] not in done]
     logger.info("rejection sampling: %d problems, %d already sampled, %d to go", len(problems),
@@ -242,13 +245,17 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     summary_path = join_path(directory, SUMMARY_FILE)
     from lightreasoner_ray.provenance import settings_fingerprint
 
-    # The SFT data is built from the solutions of exactly these problems (data.limit may shrink).
-    problem_set = settings_fingerprint({"problem_ids": sorted(problem["problem_id"] for problem in problems)})
+    # The SFT data is built from the solutions of exactly these problems, prompts and gold answers
+    # (data.limit may shrink; a corrected gold answer regrades the stored answers).
+    problem_set = settings_fingerprint({"problems": sorted((p["problem_id"], p["prompt_ids"], p["answer"]) for p in problems)})
     if not todo and storage.exists(summary_path):
         previous = storage.read_json(summary_path)
         if previous.get("problem_set") == problem_set and (
                 not previous["counts"]["kept"] or storage.list_parquet_files(samples_dir)):
-            return previous  # finished before: nothing new to build
+            # Finished before: nothing new to build. This invocation sampled nothing.
+            previous["counts"]["resumed_problems"] = len(problems)
+            previous["timing"] = {**previous["timing"], "problems_this_run": 0, "reused": True}
+            return previous
 
     if todo:
         init_ray(config.ray)
@@ -258,9 +265,7 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
         for _ in write_batches(dataset, solutions_dir, len(todo), "rejection sampling", sampling.rows_per_file):
             pass
 
-    wanted = {problem["problem_id"] for problem in problems}
-    table = pa.concat_tables([storage.read_parquet(path) for path in storage.list_parquet_files(solutions_dir)])
-    solved = sorted((row for row in table.to_pylist() if row["problem_id"] in wanted), key=lambda row: row["problem_id"])
+    solved = current_solutions(solutions_dir, problems, config.rejection_sft.grader)
     result = keep_correct([row["problem_id"] for row in solved], [row["prompt_ids"] for row in solved],
                           [row["solutions"] for row in solved], [row["correct"] for row in solved])
     if result.rows:
@@ -284,10 +289,34 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     return summary
 
 
+def current_solutions(solutions_dir: str, problems: Sequence[dict[str, Any]], grader: str) -> list[dict[str, Any]]:
+    """The stored solution rows of ``problems``, by problem id, graded against each problem's
+    current gold answer (a corrected answer regrades the stored extracted answers; no model
+    runs). A stored prompt that is not the problem's current one is refused: those solutions
+    answer another question."""
+    current = {problem["problem_id"]: problem for problem in problems}
+    table = pa.concat_tables([storage.read_parquet(path) for path in storage.list_parquet_files(solutions_dir)])
+    rows = sorted((row for row in table.to_pylist() if row["problem_id"] in current), key=lambda row: row["problem_id"])
+    for row in rows:
+        problem = current[row["problem_id"]]
+        if row["prompt_ids"] != problem["prompt_ids"]:
+            raise LightReasonerError(
+                f"{solutions_dir}: problem {row['problem_id']} was sampled for another prompt than its current one "
+                f"(the question under that id changed); delete {solutions_dir.rsplit('/', 1)[0]} to sample again"
+            )
+        if row["gold"] != problem["answer"]:
+            logger.info("problem %s: gold answer %r -> %r, stored answers regraded", row["problem_id"], row["gold"],
+                        problem["answer"])
+            row["gold"] = problem["answer"]
+            row["correct"] = [bool(answer) and is_equivalent(answer, row["gold"]) for answer in row["answers"]]
+    return rows
+
+
 def training_config(config: Config) -> Config:
     """The training stage's config: the kept solutions as samples, its own output directory,
     ``train.*`` with ``rejection_sft.max_steps / lr / steps_per_update / micro_batch_steps``
-    where set; by default a micro-batch holds a whole solution (``max_new_tokens`` steps)."""
+    where set; the micro-batch cap defaults to ``max_new_tokens`` steps, so a solution is one
+    forward pass whenever one worker's share of an update holds it (see the config's note)."""
     settings = config.rejection_sft
     directory = rejection_dir(config)
     overrides = {name: getattr(settings, name) for name in ("max_steps", "lr", "steps_per_update", "micro_batch_steps")
@@ -300,7 +329,8 @@ def training_config(config: Config) -> Config:
 
 def run_rejection_sft(config: Config, restart: bool = False) -> dict[str, Any]:
     """Rejection sampling, then SFT on the kept solutions; returns both summaries and
-    this invocation's wall time of each part."""
+    this invocation's wall time of each part. When no solution is kept there is nothing to
+    train: ``training`` is None (a warning says why), and the run goes on without the baseline."""
     from lightreasoner_ray.pipeline import _training_done
     from lightreasoner_ray.training import run_training
 
@@ -309,11 +339,12 @@ def run_rejection_sft(config: Config, restart: bool = False) -> dict[str, Any]:
     sampled_at = time.time()
     counts = sampling["counts"]
     if not counts["kept"]:
-        raise LightReasonerError(
-            f"rejection_sft: none of the expert's {counts['sampled']} sampled solutions reached the gold answer "
-            f"(summary: {join_path(rejection_dir(config), SUMMARY_FILE)}); raise rejection_sft.samples_per_problem "
-            "or rejection_sft.max_new_tokens, or check data.answer_field and rejection_sft.grader"
-        )
+        logger.warning(
+            "rejection_sft: none of the expert's %d sampled solutions reached the gold answer (summary: %s), so "
+            "there is no SFT data and the baseline is not trained or evaluated; raise "
+            "rejection_sft.samples_per_problem or rejection_sft.max_new_tokens, or check data.answer_field and "
+            "rejection_sft.grader", counts["sampled"], join_path(rejection_dir(config), SUMMARY_FILE))
+        return {"sampling": sampling, "training": None, "stage_wall_time_s": {"sample": sampled_at - started, "train": 0.0}}
     train_config = training_config(config)
     training = None if restart else _training_done(train_config)
     if training is None:

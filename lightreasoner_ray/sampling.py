@@ -104,15 +104,18 @@ def sampling_settings(config: Config) -> dict[str, Any]:
 
 
 def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any],
-                            settings_file: str = SETTINGS_FILE, command: str = "lightreasoner sample") -> None:
-    """Record the settings of a new samples directory; refuse to resume one made with others.
+                            settings_file: str = SETTINGS_FILE,
+                            way_out: str = "re-run with `lightreasoner sample --restart` to discard them and start over") -> None:
+    """Record the settings of a new (or still empty) samples directory; refuse to resume one
+    holding rows made with others, saying ``way_out``.
 
     The record (``settings_file`` in ``output_dir``) sits beside ``samples/``, which
     stays a pure Parquet dataset.
     """
     path = join_path(output_dir, settings_file)
-    if not storage.exists(path):
-        if storage.list_parquet_files(samples_dir):
+    has_rows = bool(storage.list_parquet_files(samples_dir))
+    if not storage.exists(path) or not has_rows:  # nothing yet that other settings could be mixed with
+        if has_rows:
             logger.warning("%s has samples but no %s; resuming without checking their settings", samples_dir, settings_file)
         storage.write_json_atomic(path, settings)
         return
@@ -122,7 +125,7 @@ def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[st
     if changed:
         raise LightReasonerError(
             f"{samples_dir} holds samples made with other settings ({'; '.join(changed)}); resuming would mix them. "
-            f"Use a new output_dir, or re-run with `{command} --restart` to discard them and start over."
+            f"Use a new output_dir, or {way_out}."
         )
 
 

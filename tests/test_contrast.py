@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -123,8 +124,16 @@ def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_re
     assert paper["selection"] == "paper" and paper["vocab_size"] == 600  # the shared vocabulary, not a padded head
     check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), paper)
     reference = sampling_settings(config("sampling.selection=reference"))
-    with pytest.raises(LightReasonerError, match="selection: 'paper' -> 'reference'"):
-        check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), reference)
+    # No samples yet: nothing to mix, so the new settings simply replace the record.
+    check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), reference)
+    assert json.loads((tmp_path / "sampling_settings.json").read_text())["selection"] == "reference"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "samples").mkdir()
+    pq.write_table(pa.table({"problem_id": ["p"]}), tmp_path / "samples" / "part-0.parquet")
+    with pytest.raises(LightReasonerError, match="selection: 'reference' -> 'paper'"):
+        check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), paper)
 
 
 def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta, selection="paper"):

@@ -114,32 +114,93 @@ def test_hf_sampling_draws_from_the_whole_vocabulary_not_the_top_50(tiny_pair):
                                  temperature=3.0, n=64, seed=0))
     prompt = engine.tokenizer.encode("Tom has 3 pens.")
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([prompt])).logits[0, -1, : len(engine.tokenizer)]
+        logits = engine.model(torch.tensor([prompt])).logits[0, -1]  # the whole head, padded rows included
     top50 = set(torch.topk(logits, 50).indices.tolist())
     drawn = [c.token_ids[0] for c in engine.generate([prompt])[0]]
     assert len(drawn) == 64 and any(token not in top50 for token in drawn)
 
 
-@pytest.mark.slow
-def test_rejection_sampling_resumes_and_its_sft_data_follows_the_problem_set(tiny_pair, problems_file, tmp_path, ray_local):
-    """Four problems sampled; the same run again does nothing; a re-run with data.limit=2 samples
-    nothing and rebuilds the summary (and the SFT data, none here: random weights) from those two
-    problems' solutions only; a changed temperature is refused."""
-    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+def test_run_refuses_eval_models_beside_the_baseline(tmp_path):
+    from lightreasoner_ray.pipeline import check_before_start
 
-    overrides = [f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}",
-                 f"data.problems={problems_file}", "data.shuffle=false", f"output_dir={tmp_path}",
-                 "sampling.num_actors=1", "rejection_sft.samples_per_problem=2", "rejection_sft.max_new_tokens=8",
-                 "rejection_sft.temperature=1.0"]
-    first = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4"]))
-    assert (first["counts"]["problems"], first["counts"]["sampled"], first["counts"]["resumed_problems"]) == (4, 8, 0)
-    again = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4"]))
-    assert again == first  # nothing to do: the summary as it was
-    fewer = run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=2"]))
-    assert (fewer["counts"]["problems"], fewer["counts"]["sampled"], fewer["counts"]["resumed_problems"]) == (2, 4, 2)
-    assert fewer["timing"]["problems_this_run"] == 0
-    with pytest.raises(LightReasonerError, match=r"temperature: 1.0 -> 0.5.*lightreasoner run --restart"):
-        run_rejection_sampling(load_config(TINY, [*overrides, "data.limit=4", "rejection_sft.temperature=0.5"]))
+    config = load_config(TINY, [f"output_dir={tmp_path}", "rejection_sft.enabled=true", "eval.models=[a=/m]"])
+    with pytest.raises(LightReasonerError, match="trained but not evaluated.*rejection_sft="):
+        check_before_start(config)
+
+
+@pytest.mark.slow
+def test_with_no_solution_kept_the_baseline_is_skipped_with_a_warning(tiny_pair, problems_file, tmp_path, ray_local,
+                                                                     caplog):
+    from lightreasoner_ray.rejection_sft import run_rejection_sft
+
+    # Gold answers no 8-token completion can state.
+    unreachable = tmp_path / "problems.jsonl"
+    unreachable.write_text("".join(json.dumps({**json.loads(line), "answer": "#### 987654321.5"}) + "\n"
+                                   for line in problems_file.read_text().splitlines()[:2]))
+    config = load_config(TINY, [f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}",
+                                f"data.problems={unreachable}", f"output_dir={tmp_path}",
+                                "sampling.num_actors=1", "rejection_sft.samples_per_problem=2",
+                                "rejection_sft.max_new_tokens=8"])
+    with caplog.at_level("WARNING", logger="lightreasoner_ray"):
+        result = run_rejection_sft(config)
+    assert result["training"] is None and result["sampling"]["counts"]["kept"] == 0
+    assert "not trained or evaluated" in caplog.text
+    assert not (tmp_path / "rejection_sft" / "samples").exists() and not (tmp_path / "rejection_sft" / "model").exists()
+
+
+@pytest.mark.slow
+def test_rejection_sampling_resumes_regrades_and_follows_the_problem_set(toy_run_inputs, tmp_path, ray_local):
+    """The same run again samples nothing; a corrected gold answer regrades the stored answers
+    (no model runs); a smaller data.limit builds the SFT data from the remaining problems only;
+    a changed question under the same id, or a changed temperature, is refused."""
+    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+    from lightreasoner_ray.toy.pair import SYSTEM_PROMPT
+
+    rows = [json.loads(line) for line in toy_run_inputs["problems"].read_text().splitlines()]
+    problems = tmp_path / "problems.jsonl"
+
+    def write(rows):
+        problems.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def sample(*extra):
+        return run_rejection_sampling(load_config(TINY, [
+            f"expert.path={toy_run_inputs['expert']}", f"amateur.path={toy_run_inputs['amateur']}",
+            f"data.problems={problems}", "data.shuffle=false", "data.limit=12", f"output_dir={tmp_path / 'out'}",
+            f"sampling.system_prompt={SYSTEM_PROMPT}", "sampling.num_actors=1", "sampling.batch_size=4",
+            "rejection_sft.samples_per_problem=16", "rejection_sft.temperature=1.0", "rejection_sft.max_new_tokens=24",
+            "rejection_sft.grader=toy", *extra]))
+
+    def kept_ids():
+        path = tmp_path / "out" / "rejection_sft" / "samples"
+        return {row["problem_id"].split("#")[0] for row in pq.read_table(path).to_pylist()} if path.exists() else set()
+
+    write(rows)
+    first = sample()
+    assert first["counts"]["problems"] == 12 and first["counts"]["kept"] > 0
+    covered = kept_ids()
+    assert len(covered) == first["counts"]["problems_with_a_kept_solution"]
+    again = sample()
+    assert again["counts"] == {**first["counts"], "resumed_problems": 12}
+    assert again["timing"]["problems_this_run"] == 0 and again["timing"]["reused"]
+
+    # A corrected gold answer: that problem's stored answers are regraded; nothing is sampled.
+    target = next(row for row in rows if str(row["id"]) in covered)
+    write([{**row, "answer": "-999"} if row is target else row for row in rows])
+    regraded = sample()
+    assert regraded["timing"]["problems_this_run"] == 0 and kept_ids() == covered - {str(target["id"])}
+    write(rows)
+
+    fewer = sample("data.limit=6")
+    first_six = {str(row["id"]) for row in rows[:6]}
+    assert fewer["counts"]["problems"] == 6 and fewer["counts"]["sampled"] == 6 * 16
+    assert fewer["timing"]["problems_this_run"] == 0 and kept_ids() == covered & first_six
+
+    write([{**row, "question": row["question"] + " Then she finds 1 more."} if row is rows[0] else row for row in rows])
+    with pytest.raises(LightReasonerError, match=f"problem {rows[0]['id']} was sampled for another prompt"):
+        sample()
+    write(rows)
+    with pytest.raises(LightReasonerError, match=r"temperature: 1.0 -> 0.5.*delete .*rejection_sft .*LightReasoner's stays"):
+        sample("rejection_sft.temperature=0.5")
 
 
 # --- `lightreasoner run rejection_sft.enabled=true`, through the command line ------------------
