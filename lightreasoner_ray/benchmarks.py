@@ -231,11 +231,17 @@ def _clean_number(value: float) -> str:
     return repr(value)
 
 
+def gsm8k_final_answer(solution: str) -> str:
+    """The answer on a GSM8K solution's last ``#### <answer>`` line, thousands commas removed
+    (``""`` when there is none)."""
+    return solution.rsplit("####", 1)[1].strip().replace(",", "") if "####" in solution else ""
+
+
 def _gsm8k_row(context: _RowContext) -> dict[str, Any]:
     solution = context.field("answer")
     if "####" not in solution:
         raise context.error("answer", "has no '#### <answer>' line")
-    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    answer = gsm8k_final_answer(solution)
     if not answer:
         raise context.error("answer", "has an empty '####' answer")
     return {"question": context.field("question"), "answer": answer}

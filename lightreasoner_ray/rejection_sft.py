@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from lightreasoner_ray import storage
 from lightreasoner_ray.ablations import sft_rows, tuned_tokens, write_sample_set
+from lightreasoner_ray.benchmarks import gsm8k_final_answer
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.grading import extract_answer, is_equivalent, last_boxed
@@ -60,7 +61,7 @@ def gold_answer(raw: str) -> str:
     a solution's last ``\\boxed{}``, else the text (``"#### 1,200"`` -> ``"1200"``)."""
     text = str(raw).strip()
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "")
+        return gsm8k_final_answer(text)
     boxed = last_boxed(text)
     return boxed.strip() if boxed and boxed.strip() else text
 
@@ -85,17 +86,23 @@ def gold_answers(loaded: Any, answer_field: str) -> dict[str, str]:
 
 def grade_solutions(texts: Sequence[str], gold: str, grader: str) -> tuple[list[str], list[bool]]:
     """Each sampled solution's extracted answer and whether it is equivalent to ``gold``."""
-    answers, correct = [], []
+    answers = []
     for text in texts:
         try:
-            answer = extract_answer(text, grader)
-            good = bool(answer) and is_equivalent(answer, gold)
+            answers.append(extract_answer(text, grader))
         except Exception as exc:  # a grader bug must not sink a long run: that solution is dropped
-            logger.warning("grading a sampled solution failed (%s: %s); not kept", type(exc).__name__, exc)
-            answer, good = "", False
-        answers.append(answer)
-        correct.append(good)
-    return answers, correct
+            logger.warning("extracting a sampled solution's answer failed (%s: %s); not kept", type(exc).__name__, exc)
+            answers.append("")
+    return answers, [answer_matches(answer, gold) for answer in answers]
+
+
+def answer_matches(answer: str, gold: str) -> bool:
+    """Whether an extracted answer is the gold one (a grader failure counts as no)."""
+    try:
+        return bool(answer) and is_equivalent(answer, gold)
+    except Exception as exc:  # as above: one solution dropped, not the run
+        logger.warning("grading %r against %r failed (%s: %s); not kept", answer, gold, type(exc).__name__, exc)
+        return False
 
 
 @dataclass(frozen=True)
@@ -308,7 +315,7 @@ def current_solutions(solutions_dir: str, problems: Sequence[dict[str, Any]], gr
             logger.info("problem %s: gold answer %r -> %r, stored answers regraded", row["problem_id"], row["gold"],
                         problem["answer"])
             row["gold"] = problem["answer"]
-            row["correct"] = [bool(answer) and is_equivalent(answer, row["gold"]) for answer in row["answers"]]
+            row["correct"] = [answer_matches(answer, row["gold"]) for answer in row["answers"]]
     return rows
 
 
@@ -323,7 +330,6 @@ def training_config(config: Config) -> Config:
                  if getattr(settings, name) is not None}
     overrides.setdefault("micro_batch_steps", max(config.train.micro_batch_steps, settings.max_new_tokens))
     train = dataclasses.replace(config.train, samples=join_path(directory, "samples"), **overrides)
-    train = dataclasses.replace(train, checkpoint_every=min(train.checkpoint_every, train.max_steps))
     return dataclasses.replace(config, output_dir=directory, train=train)
 
 

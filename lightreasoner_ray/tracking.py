@@ -395,8 +395,10 @@ def _stage_outputs(stage: str, config: Any, result: Any) -> tuple[dict[str, floa
         directory = Path(eval_dir(config))
         return metrics, [str(directory / name) for name in ("results.json", "results.md", "results.png")]
     if stage == "rejection_sample":
+        from lightreasoner_ray.rejection_sft import DIRECTORY, SUMMARY_FILE
+
         summary = {k: result.get(k) for k in ("counts", "timing")}
-        return numeric_leaves(summary, "rejection_sampling"), [str(out / "rejection_sft" / "rejection_summary.json")]
+        return numeric_leaves(summary, "rejection_sampling"), [str(out / DIRECTORY / SUMMARY_FILE)]
     if stage == "run":
         report = {k: result.get(k) for k in ("stage_wall_time_s", "total_wall_time_s", "problems_sampled", "tokens",
                                              "rejection_sft")}
