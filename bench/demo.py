@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from lightreasoner_ray.demo import demo_config, run_demo
+from lightreasoner_ray.runs.demo import demo_config, run_demo
 
 
 def main(overrides: list[str]) -> None:

@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from lightreasoner_ray.demo import VARIANTS, cache_dir, claim_output_dir, demo_config, pair_fingerprint, run_demo
-from lightreasoner_ray.rejection_sft import DIRECTORY as REJECTION_DIR
+from lightreasoner_ray.runs.demo import VARIANTS, cache_dir, claim_output_dir, demo_config, pair_fingerprint, run_demo
+from lightreasoner_ray.stages.rejection_sampling import DIRECTORY as REJECTION_DIR
 from lightreasoner_ray.toy.pair import build_toy_pair
 
 

@@ -35,7 +35,7 @@ def read_rows(path: Path, n: int) -> list[dict]:
 
 
 def build_pair(args: argparse.Namespace) -> tuple[Path, Path]:
-    from lightreasoner_ray.tiny import TinyModelSpec, save_pair
+    from lightreasoner_ray.toy.tiny_models import TinyModelSpec, save_pair
 
     root = Path(args.cache) / f"h{args.hidden}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
     if (root / "expert" / "config.json").is_file():
@@ -72,8 +72,8 @@ def main() -> None:
     import torch
 
     from lightreasoner_ray.config import ModelConfig, VLLMConfig
-    from lightreasoner_ray.prompts import prompt_ids
-    from lightreasoner_ray.sampler import ContrastiveSampler
+    from lightreasoner_ray.data.prompts import prompt_ids
+    from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
     from lightreasoner_ray.config import EVAL_SYSTEM_PROMPT, SAMPLING_SYSTEM_PROMPT
 
     expert_path, amateur_path = build_pair(args)

@@ -25,7 +25,7 @@ BENCHMARKS = ["gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadben
 
 
 def build_tiny_model(directory: Path) -> Path:
-    from lightreasoner_ray.tiny import TinyModelSpec, save_pair
+    from lightreasoner_ray.toy.tiny_models import TinyModelSpec, save_pair
 
     texts = []
     with (DATA_DIR / "gsm8k" / "train.jsonl").open() as handle:
@@ -40,7 +40,7 @@ def build_tiny_model(directory: Path) -> Path:
 
 def pool_throughput(model: Path, output_dir: Path, actors: int, args: argparse.Namespace) -> dict:
     from lightreasoner_ray.config import load_config
-    from lightreasoner_ray.evaluation import run_evaluation
+    from lightreasoner_ray.stages.evaluation.stage import run_evaluation
 
     config = load_config(None, [
         f"eval.model=tiny={model}",
@@ -58,7 +58,7 @@ def pool_throughput(model: Path, output_dir: Path, actors: int, args: argparse.N
 
 def grading_corpus(rows_per_benchmark: int) -> list[tuple[str, list[dict], list[str]]]:
     """(benchmark, rows, outputs): gold answers in a box, and the same rows with wrong answers."""
-    from lightreasoner_ray.benchmarks import load_benchmark
+    from lightreasoner_ray.data.benchmarks import load_benchmark
 
     corpus = []
     for benchmark in BENCHMARKS:
@@ -77,7 +77,7 @@ def grading_corpus(rows_per_benchmark: int) -> list[tuple[str, list[dict], list[
 
 def warm_up_grading_workers(ray) -> None:
     """Start Ray's task workers and their symbolic grading processes outside any timing."""
-    from lightreasoner_ray.evaluation import grade_rows
+    from lightreasoner_ray.stages.evaluation.stage import grade_rows
 
     grade_task = ray.remote(grade_rows).options(num_cpus=1)
     row = {"id": "0", "question": "q", "answer": "\\sqrt{2}/2"}
@@ -87,7 +87,7 @@ def warm_up_grading_workers(ray) -> None:
 
 def grading_throughput(corpus, ray, repeats: int = 2) -> dict:
     """Best of ``repeats`` timings each way (the first run of a process starts its symbolic worker)."""
-    from lightreasoner_ray.evaluation import grade_rows
+    from lightreasoner_ray.stages.evaluation.stage import grade_rows
 
     grade_task = ray.remote(grade_rows).options(num_cpus=1)
     warm_up_grading_workers(ray)

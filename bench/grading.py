@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightreasoner_ray import grading  # noqa: E402
-from lightreasoner_ray.benchmarks import default_data_dir, load_benchmark  # noqa: E402
-from lightreasoner_ray.grading import extract_answer, is_equivalent, normalize_answer, parse_expression  # noqa: E402
+from lightreasoner_ray.core import grading  # noqa: E402
+from lightreasoner_ray.data.benchmarks import default_data_dir, load_benchmark  # noqa: E402
+from lightreasoner_ray.core.grading import extract_answer, is_equivalent, normalize_answer, parse_expression  # noqa: E402
 
 LOCAL_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
 SYMBOLIC_BENCHMARKS = ("math500", "minerva_math", "olympiadbench")

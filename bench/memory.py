@@ -60,7 +60,7 @@ def build_model(hidden: int, heads: int, kv_heads: int, mlp: int, layers: int, s
 
 def old_completion_logits(model, sequences, prompt_lengths, pad_id, vocab_size):
     """The previous ``generation.completion_logits``: all positions of the batch at once."""
-    from lightreasoner_ray.generation import _pad_batch
+    from lightreasoner_ray.engines.generation import _pad_batch
 
     device = next(model.parameters()).device
     input_ids, attention_mask = _pad_batch(sequences, pad_id, left=False, device=device)
@@ -78,7 +78,7 @@ def old_completion_logits(model, sequences, prompt_lengths, pad_id, vocab_size):
 
 def before(sampler, prompts, completions):
     """The previous ``ContrastiveSampler.sample`` contrast step."""
-    from lightreasoner_ray.contrast import contrast_positions
+    from lightreasoner_ray.core.contrast import contrast_positions
 
     sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
     lengths = [len(p) for p in prompts]
@@ -89,7 +89,7 @@ def before(sampler, prompts, completions):
 
 
 def after(sampler, prompts, completions):
-    from lightreasoner_ray.sampler import ContrastiveSampler
+    from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
 
     return ContrastiveSampler.contrast(sampler, prompts, completions)
 

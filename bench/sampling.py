@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from lightreasoner_ray.config import ModelConfig
-from lightreasoner_ray.contrast import contrast_positions
-from lightreasoner_ray.generation import eos_token_ids, greedy_generate
-from lightreasoner_ray.prompts import prompt_ids
-from lightreasoner_ray.sampler import ContrastiveSampler
-from lightreasoner_ray.tiny import TinyModelSpec, save_pair
+from lightreasoner_ray.core.contrast import contrast_positions
+from lightreasoner_ray.engines.generation import eos_token_ids, greedy_generate
+from lightreasoner_ray.data.prompts import prompt_ids
+from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
+from lightreasoner_ray.toy.tiny_models import TinyModelSpec, save_pair
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks" / "gsm8k" / "train.jsonl"
 

@@ -33,10 +33,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from lightreasoner_ray.loss import SelectedStepLogits, step_kl
-from lightreasoner_ray.prompts import prompt_ids
-from lightreasoner_ray.tiny import TinyModelSpec, build_model, train_tokenizer
-from lightreasoner_ray.train_data import Trajectory, UpdatePlan, collate, one_step_trajectories
+from lightreasoner_ray.core.loss import SelectedStepLogits, step_kl
+from lightreasoner_ray.data.prompts import prompt_ids
+from lightreasoner_ray.toy.tiny_models import TinyModelSpec, build_model, train_tokenizer
+from lightreasoner_ray.core.update_plan import Trajectory, UpdatePlan, collate, one_step_trajectories
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks" / "gsm8k" / "train.jsonl"
 

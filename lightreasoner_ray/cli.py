@@ -21,14 +21,14 @@ import sys
 from typing import Callable
 
 from lightreasoner_ray.config import Config, load_config
-from lightreasoner_ray.console import echo
+from lightreasoner_ray.ui.console import echo
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger("lightreasoner_ray")
 
 
 def _sample(config: Config, restart: bool = False) -> dict:
-    from lightreasoner_ray.sampling import run_sampling
+    from lightreasoner_ray.stages.sampling.stage import run_sampling
 
     summary = run_sampling(config, restart=restart)
     counts = summary["counts"]
@@ -40,43 +40,43 @@ def _sample(config: Config, restart: bool = False) -> dict:
 
 
 def _train(config: Config, restart: bool = False) -> dict:
-    from lightreasoner_ray.training import run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     return run_training(config, restart=restart)
 
 
 def _evaluate(config: Config, restart: bool = False) -> dict:
-    from lightreasoner_ray.evaluation import run_evaluation
+    from lightreasoner_ray.stages.evaluation.stage import run_evaluation
 
     return run_evaluation(config, restart=restart)
 
 
 def _export(config: Config) -> dict:
-    from lightreasoner_ray.export import run_export
+    from lightreasoner_ray.stages.export import run_export
 
     return run_export(config)
 
 
 def _run(config: Config, restart: bool = False) -> dict:
-    from lightreasoner_ray.pipeline import run_pipeline
+    from lightreasoner_ray.runs.pipeline import run_pipeline
 
     return run_pipeline(config, restart=restart)
 
 
 def _demo(config: Config) -> dict:
-    from lightreasoner_ray.demo import run_demo
+    from lightreasoner_ray.runs.demo import run_demo
 
     return run_demo(config)
 
 
 def _inspect(config: Config) -> dict:
-    from lightreasoner_ray.samples_report import run_inspect
+    from lightreasoner_ray.stages.inspect import run_inspect
 
     return run_inspect(config)
 
 
 def _compare(config: Config, before: str = "baseline", after: str = "lightreasoner") -> dict:
-    from lightreasoner_ray.compare import run_compare
+    from lightreasoner_ray.stages.compare import run_compare
 
     return run_compare(config, before, after)
 
@@ -126,7 +126,7 @@ RESTARTABLE = ("sample", "train", "evaluate", "run")
 
 def load_command_config(command: str, config_path: str | None, overrides: list[str]) -> Config:
     if command == "demo":
-        from lightreasoner_ray.demo import demo_config, demo_defaults
+        from lightreasoner_ray.runs.demo import demo_config, demo_defaults
 
         return demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
     return load_config(config_path, overrides)
@@ -145,7 +145,7 @@ def run_command(command: str, config_path: str | None, overrides: list[str], res
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightreasoner_ray.console import quiet_console
+    from lightreasoner_ray.ui.console import quiet_console
 
     args = build_parser().parse_args(argv)
     options = {"before": args.before, "after": args.after} if args.command == "compare" else {}

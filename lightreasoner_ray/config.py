@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -22,6 +23,18 @@ import yaml
 from lightreasoner_ray.errors import LightReasonerError
 
 SAMPLING_SYSTEM_PROMPT = "Please reason step by step."
+
+# The benchmark names ``eval.benchmarks`` and ``rejection_sft.grader`` accept (loaders in
+# lightreasoner_ray.data.benchmarks). "toy" is the demo's held-out split of the toy domain.
+BENCHMARKS = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem", "toy")
+# The seven columns of the LightReasoner paper's results table, in its order.
+PAPER_BENCHMARKS = ("gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
+# The packages each tracking backend imports (the first names the extra to install).
+TRACKING_PACKAGES = {
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+    "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+}
 EVAL_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -273,8 +286,6 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size", "shard_size", "num_actors"):
             if getattr(self, name) <= 0:
                 raise LightReasonerError(f"{key}.{name} must be > 0, got {getattr(self, name)}")
-        from lightreasoner_ray.benchmarks import BENCHMARKS
-
         unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
         if unknown:
             raise LightReasonerError(
@@ -400,8 +411,6 @@ class RejectionSFTConfig:
             )
         if not (0.0 < self.top_p <= 1.0):
             raise LightReasonerError(f"{key}.top_p must be in (0, 1], got {self.top_p}")
-        from lightreasoner_ray.benchmarks import BENCHMARKS
-
         _check_choice(f"{key}.grader", self.grader, BENCHMARKS)
         if self.engine:
             check_engine_name(f"{key}.engine", self.engine)
@@ -440,8 +449,6 @@ class TrackingConfig:
             raise LightReasonerError(f"{key}.backend lists none beside {self.backend}; choose none or backends")
         if not self.project:
             raise LightReasonerError(f"{key}.project must not be empty")
-        from lightreasoner_ray.tracking import check_backends_installed
-
         check_backends_installed(self.backends, key)
 
 
@@ -467,7 +474,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs/run"
     # `run` only: round r + 1 samples with round r's trained expert (merged) against the
-    # same amateur, on the next data.limit problems; see lightreasoner_ray.rounds.
+    # same amateur, on the next data.limit problems; see lightreasoner_ray.runs.rounds.
     rounds: int = 1
 
     def validate(self, key: str = "") -> None:
@@ -650,3 +657,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return str(value)
         raise LightReasonerError(f"{key} must be a string, got {value!r}")
     return value
+
+
+def check_backends_installed(backends: list[str], key: str = "tracking") -> None:
+    """Fail at config time, before any work, when a chosen tracking backend's packages are missing."""
+    for backend in backends:
+        missing = [name for name in TRACKING_PACKAGES[backend] if importlib.util.find_spec(name) is None]
+        if missing:
+            raise LightReasonerError(
+                f"{key}.backend={backend} needs the {backend!r} extra ({', '.join(missing)} not installed): "
+                f"pip install 'lightreasoner-ray[{backend}]', or set {key}.backend=none"
+            )

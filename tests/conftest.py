@@ -32,7 +32,7 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
     The two heads are padded differently past the tokenizer's vocabulary, as real
     checkpoints are, so the sampler must cut logits to the shared vocabulary.
     """
-    from lightreasoner_ray.tiny import TinyModelSpec, save_pair
+    from lightreasoner_ray.toy.tiny_models import TinyModelSpec, save_pair
 
     texts = []
     for row in gsm8k_rows(400):

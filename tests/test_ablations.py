@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightreasoner_ray.ablations import random_steps, select_by_beta, sft_rows, tuned_tokens
+from lightreasoner_ray.data.sample_sets import random_steps, select_by_beta, sft_rows, tuned_tokens
 
 
 def row(problem_id, kls):
@@ -60,8 +60,8 @@ def test_sft_one_hot_kl_is_cross_entropy():
 def test_select_by_beta_on_a_beta_zero_run_equals_a_sampler_run_with_that_beta(tiny_pair):
     """The demo samples once with beta = 0 and filters: the same rows as the real sampler at beta."""
     from lightreasoner_ray.config import ModelConfig
-    from lightreasoner_ray.prompts import prompt_ids
-    from lightreasoner_ray.sampler import ContrastiveSampler
+    from lightreasoner_ray.data.prompts import prompt_ids
+    from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
 
     sampler = ContrastiveSampler(ModelConfig(str(tiny_pair["expert"])), ModelConfig(str(tiny_pair["amateur"])),
                                  alpha=0.2, beta=0.0, max_new_tokens=16)

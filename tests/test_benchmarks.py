@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightreasoner_ray.benchmarks import (
+from lightreasoner_ray.data.benchmarks import (
     BENCHMARKS,
     PAPER_BENCHMARKS,
     benchmark_path,

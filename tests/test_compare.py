@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from lightreasoner_ray.benchmarks import load_benchmark
+from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.config import load_config
-from lightreasoner_ray.compare import run_compare
+from lightreasoner_ray.stages.compare import run_compare
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.evaluation import grade_rows
+from lightreasoner_ray.stages.evaluation.stage import grade_rows
 
 from conftest import DATA_DIR, REPO_ROOT
 

@@ -9,7 +9,7 @@ import warnings
 
 from tqdm import tqdm
 
-from lightreasoner_ray.console import echo, progress_stream, quiet_console
+from lightreasoner_ray.ui.console import echo, progress_stream, quiet_console
 
 
 def test_library_output_goes_to_the_log_and_results_to_the_terminal(tmp_path, capfd):
@@ -25,7 +25,7 @@ def test_library_output_goes_to_the_log_and_results_to_the_terminal(tmp_path, ca
             os.write(2, b"C-level output\n")
             for _ in tqdm(range(3), desc="a library's own bar"):
                 pass
-            logging.getLogger("lightreasoner_ray.sampling").info("12 problems to go")
+            logging.getLogger("lightreasoner_ray.stages.sampling.stage").info("12 problems to go")
             for _ in tqdm(range(3), desc="sampling problems", file=progress_stream()):
                 pass
             echo("samples: 12 problems")

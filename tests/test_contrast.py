@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lightreasoner_ray.config import ModelConfig
-from lightreasoner_ray.ablations import select_by_beta
-from lightreasoner_ray.contrast import SELECTIONS, contrast_positions, is_selected, kl_divergence, selection_mask
+from lightreasoner_ray.data.sample_sets import select_by_beta
+from lightreasoner_ray.core.contrast import SELECTIONS, contrast_positions, is_selected, kl_divergence, selection_mask
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.prompts import prompt_ids
-from lightreasoner_ray.sampler import ContrastiveSampler
+from lightreasoner_ray.data.prompts import prompt_ids
+from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
 
 from conftest import gsm8k_rows
 
@@ -109,7 +109,8 @@ def test_select_by_beta_refilters_with_the_same_rule():
 
 def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_refused(tiny_pair, tmp_path):
     from lightreasoner_ray.config import load_config
-    from lightreasoner_ray.sampling import check_sampling_settings, sampling_settings
+    from lightreasoner_ray.stages.sampling.stage import sampling_settings
+    from lightreasoner_ray.io.record import check_sampling_settings
 
     from conftest import REPO_ROOT
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lightreasoner_ray.demo import (
+from lightreasoner_ray.runs.demo import (
     SETTINGS_FILE,
     check_demo_config,
     claim_output_dir,
@@ -132,7 +132,7 @@ class _Pair:
 
 
 def test_report_rows_for_rejection_sft_and_rounds_charge_their_own_sampling(tmp_path):
-    from lightreasoner_ray.demo import title
+    from lightreasoner_ray.runs.demo import title
 
     config = demo_config([f"output_dir={tmp_path}", "demo.seeds=[0,1]", "demo.rounds=2"])
     accuracy = {"amateur": 0.2, "expert": 0.6, "lightreasoner-seed0": 0.62, "lightreasoner-seed1": 0.64,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from lightreasoner_ray.benchmarks import load_benchmark
+from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.prompts import encode_prompt, eval_prompt
+from lightreasoner_ray.data.prompts import encode_prompt, eval_prompt
 
 from conftest import DATA_DIR
 
@@ -111,7 +111,7 @@ def test_our_own_formatting_is_unchanged_for_chat_template(tiny_pair):
         "<|im_start|>assistant\n"
     )
     # Tokenized exactly as apply_chat_template(tokenize=True) does.
-    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.data.prompts import prompt_ids
 
     assert encode_prompt(tokenizer, text, "chat_template") == prompt_ids(tokenizer, row["question"], "Be brief.")
 
@@ -121,7 +121,7 @@ def test_qwen25_math_cot_ignores_the_models_own_template(tiny_pair):
     from transformers import AutoTokenizer
 
     from lightreasoner_ray.config import EVAL_SYSTEM_PROMPT
-    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.data.prompts import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair["expert"])  # ChatML, as Qwen's
     row = row_with_id("gsm8k", "0")
@@ -153,8 +153,9 @@ def test_eval_prompt_config_key():
 
 def test_prediction_rows_record_the_exact_prompt(tiny_pair):
     """The evaluator (run in-process here) hands its prompt text to grading, which records it."""
-    from lightreasoner_ray.engine import EngineSpec, HFEngine
-    from lightreasoner_ray.evaluation import Evaluator, grade_rows
+    from lightreasoner_ray.engines.base import EngineSpec
+    from lightreasoner_ray.engines.hf import HFEngine
+    from lightreasoner_ray.stages.evaluation.stage import Evaluator, grade_rows
 
     rows = [row_with_id("mmlu_stem", "2516"), row_with_id("asdiv", "75")]
     spec = EngineSpec(model_path=str(tiny_pair["expert"]), max_new_tokens=4, batch_size=2)

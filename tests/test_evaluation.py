@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA_DIR
-from lightreasoner_ray.benchmarks import load_benchmark
+from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.evaluation import (
+from lightreasoner_ray.stages.evaluation.stage import (
     PREDICTION_FIELDS,
     EvalModel,
     check_generation_settings,
     parse_model_entry,
     run_evaluation,
 )
-from lightreasoner_ray.grading import extract_answer, is_equivalent
+from lightreasoner_ray.core.grading import extract_answer, is_equivalent
 
 PAPER_SET = ["gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
 TABLE_HEADER = "| Model | GSM8K | MATH-500 | SVAMP | ASDiv | Minerva Math | OlympiadBench | MMLU-STEM | AVG |"
@@ -96,7 +96,7 @@ def gold_engine_factory(questions: dict[str, tuple[str, int, str]], call_log: Pa
     class GoldEngine:
         def __init__(self, spec):
             from lightreasoner_ray.config import ModelConfig
-            from lightreasoner_ray.models import load_tokenizer
+            from lightreasoner_ray.engines.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(ModelConfig(path=spec.model_path))
             self.trained = "amateur" in spec.model_path
@@ -277,9 +277,10 @@ def test_outputs_made_with_other_settings_are_not_mixed(tmp_path):
 
 
 def test_hf_engine_keeps_prompt_order_and_respects_the_context(tiny_pair):
-    from lightreasoner_ray.engine import EngineSpec, HFEngine
-    from lightreasoner_ray.generation import greedy_generate
-    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.engines.base import EngineSpec
+    from lightreasoner_ray.engines.hf import HFEngine
+    from lightreasoner_ray.engines.generation import greedy_generate
+    from lightreasoner_ray.data.prompts import prompt_ids
 
     engine = HFEngine(EngineSpec(model_path=str(tiny_pair["expert"]), max_new_tokens=6, batch_size=2))
     questions = [row["question"] for row in load_benchmark("gsm8k", DATA_DIR, 4)]
@@ -309,7 +310,8 @@ def test_peft_adapter_is_merged_for_inference(tiny_pair, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lightreasoner_ray.engine import EngineSpec, load_inference_model
+    from lightreasoner_ray.engines.base import EngineSpec
+    from lightreasoner_ray.engines.hf import load_inference_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_pair["expert"])
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -2,7 +2,7 @@
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightreasoner_ray.generation import eos_token_ids, greedy_generate, truncate_at_eos
+from lightreasoner_ray.engines.generation import eos_token_ids, greedy_generate, truncate_at_eos
 
 
 def test_base_model_eos_and_pad_equal(tiny_pair):

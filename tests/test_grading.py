@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lightreasoner_ray import grading
-from lightreasoner_ray.benchmarks import benchmark_path, load_benchmark, read_jsonl
-from lightreasoner_ray.grading import extract_answer, is_equivalent, normalize_answer, parse_expression
+from lightreasoner_ray.core import grading
+from lightreasoner_ray.data.benchmarks import benchmark_path, load_benchmark, read_jsonl
+from lightreasoner_ray.core.grading import extract_answer, is_equivalent, normalize_answer, parse_expression
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 LOCAL_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")

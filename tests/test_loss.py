@@ -7,14 +7,8 @@ import random
 import pytest
 import torch
 
-from lightreasoner_ray.loss import SelectedStepLogits, sparse_kl_divergence, step_kl, update_loss_scale
-from lightreasoner_ray.train_data import (
-    UpdatePlan,
-    collate,
-    one_step_trajectories,
-    placeholder_micro_batch,
-    trajectory_from_row,
-)
+from lightreasoner_ray.core.loss import SelectedStepLogits, sparse_kl_divergence, step_kl, update_loss_scale
+from lightreasoner_ray.core.update_plan import UpdatePlan, collate, one_step_trajectories, placeholder_micro_batch, trajectory_from_row
 
 VOCAB = 97
 PAD_ID = 0

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from lightreasoner_ray.config import ModelConfig
-from lightreasoner_ray.generation import completion_hidden_states, completion_logits
-from lightreasoner_ray.lm_head import LMHead, ProjectedRows, head_logits, logit_transform
-from lightreasoner_ray.loss import SelectedStepLogits
-from lightreasoner_ray.prompts import prompt_ids
-from lightreasoner_ray.sampler import ContrastiveSampler
-from lightreasoner_ray.train_data import collate, trajectory_from_row
+from lightreasoner_ray.engines.generation import completion_hidden_states, completion_logits
+from lightreasoner_ray.core.lm_head import LMHead, ProjectedRows, head_logits, logit_transform
+from lightreasoner_ray.core.loss import SelectedStepLogits
+from lightreasoner_ray.data.prompts import prompt_ids
+from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
+from lightreasoner_ray.core.update_plan import collate, trajectory_from_row
 
 from conftest import gsm8k_rows
 
@@ -107,7 +107,7 @@ def test_a_bf16_head_is_projected_in_fp32():
 
 
 def test_projected_rows_equal_dense_logits_and_sliced_heads_equal_one_matmul(monkeypatch):
-    import lightreasoner_ray.lm_head as lm_head
+    import lightreasoner_ray.core.lm_head as lm_head
 
     model = _bf16_model(1)
     head = LMHead(model, 20_000)
@@ -158,7 +158,7 @@ def test_the_trainer_normalises_over_the_vocabulary_the_samples_recorded(tiny_pa
     import json
 
     from lightreasoner_ray.config import load_config
-    from lightreasoner_ray.training import logit_vocab_size
+    from lightreasoner_ray.stages.training.driver import logit_vocab_size
 
     from conftest import REPO_ROOT
 

@@ -4,7 +4,8 @@ import pytest
 
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.pipeline import check_before_start, pipeline_eval_models
+from lightreasoner_ray.runs.pipeline import check_before_start
+from lightreasoner_ray.runs.round import pipeline_eval_models
 
 from conftest import DATA_DIR, REPO_ROOT
 

@@ -19,7 +19,7 @@ from conftest import DATA_DIR
 from lightreasoner_ray import cli
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.provenance import (
+from lightreasoner_ray.io.record import (
     PROVENANCE_FILE,
     RESUMABLE_TRAIN_KEYS,
     TrainingProvenance,
@@ -131,7 +131,7 @@ def test_only_settings_that_shape_a_checkpoint_are_compared():
 
 
 def test_checkpoints_are_claimed_by_their_provenance(tmp_path):
-    from lightreasoner_ray.training import claim_checkpoints
+    from lightreasoner_ray.stages.training.driver import claim_checkpoints
 
     config = load_config(None, [f"output_dir={tmp_path}"])
     record = tmp_path / "checkpoints" / PROVENANCE_FILE
@@ -164,7 +164,8 @@ def test_remove_path_removes_files_and_trees_and_reports_what_was_there(tmp_path
 
 
 def test_a_resumed_scheduler_follows_the_configs_lr_not_the_checkpoints():
-    from lightreasoner_ray.training import apply_optimizer_settings, lr_multiplier
+    from lightreasoner_ray.stages.training.driver import apply_optimizer_settings
+    from lightreasoner_ray.core.schedule import lr_multiplier
 
     def make(lr: float, max_steps: int, schedule: str, weight_decay: float):
         parameter = torch.nn.Parameter(torch.ones(3))
@@ -202,7 +203,7 @@ def test_a_resumed_scheduler_follows_the_configs_lr_not_the_checkpoints():
 
 
 def test_predictions_of_other_weights_are_discarded_and_other_settings_refused(tmp_path):
-    from lightreasoner_ray.evaluation import PredictionStore, Shard, check_generation_settings
+    from lightreasoner_ray.stages.evaluation.stage import PredictionStore, Shard, check_generation_settings
 
     model_dir = str(tmp_path / "eval" / "lightreasoner")
     settings = {"model_path": "/o/model", "model_fingerprint": "f1", "engine": "hf", "max_new_tokens": 16}
@@ -324,7 +325,7 @@ def test_stale_checkpoints_models_and_predictions_are_continued_recomputed_or_re
 def test_a_lowered_lr_takes_effect_when_a_run_resumes_after_a_nonfinite_loss(
     tiny_pair, problems_file, ray_local, tmp_path, capsys, monkeypatch
 ):
-    from lightreasoner_ray.training import FAULT_ENV
+    from lightreasoner_ray.stages.training.driver import FAULT_ENV
 
     out = tmp_path / "run"
     args = lambda *more: _args(tiny_pair, problems_file, out, "train.max_steps=4", *more)  # noqa: E731

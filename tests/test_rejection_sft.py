@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
-from lightreasoner_ray.ablations import tuned_tokens
+from lightreasoner_ray.data.sample_sets import tuned_tokens
 from lightreasoner_ray.config import DataConfig, load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.rejection_sft import gold_answer, gold_answers, grade_solutions, keep_correct
+from lightreasoner_ray.stages.rejection_sampling import grade_solutions, keep_correct
+from lightreasoner_ray.data.problems import gold_answer, gold_answers
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 
@@ -31,7 +32,7 @@ def test_gold_answer_reduces_each_dataset_format_to_the_answer():
 
 
 def test_every_problem_needs_a_gold_answer_and_the_error_names_file_line_and_field(tmp_path):
-    from lightreasoner_ray.problems import load_problems
+    from lightreasoner_ray.data.problems import load_problems
 
     path = tmp_path / "problems.jsonl"
     path.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n\n{"question": "2 + 2?", "solution": "4"}\n'
@@ -79,7 +80,7 @@ def test_config_checks_and_the_demo_keys_that_moved():
 
 
 def test_training_config_uses_train_settings_unless_overridden():
-    from lightreasoner_ray.rejection_sft import training_config
+    from lightreasoner_ray.runs.rejection_sft import training_config
 
     config = load_config(TINY, ["output_dir=/o", "train.max_steps=50", "train.lr=5e-5", "rejection_sft.max_steps=20",
                                 "rejection_sft.steps_per_update=64"])
@@ -93,11 +94,11 @@ def test_training_config_uses_train_settings_unless_overridden():
 
 
 def test_tracking_logs_the_rejection_sampling_counts(tmp_path):
-    from lightreasoner_ray.tracking import _stage_outputs
+    from lightreasoner_ray.stages.rejection_sampling import rejection_sampling_outputs
 
     config = load_config(TINY, [f"output_dir={tmp_path}"])
     summary = {"settings": {"temperature": 0.7}, "counts": {"problems": 4, "kept": 3}, "timing": {"wall_time_s": 2.5}}
-    metrics, artefacts = _stage_outputs("rejection_sample", config, summary)
+    metrics, artefacts = rejection_sampling_outputs(config, summary)
     assert metrics == {"rejection_sampling/counts.problems": 4.0, "rejection_sampling/counts.kept": 3.0,
                        "rejection_sampling/timing.wall_time_s": 2.5}
     assert artefacts == [str(tmp_path / "rejection_sft" / "rejection_summary.json")]
@@ -108,7 +109,8 @@ def test_hf_sampling_draws_from_the_whole_vocabulary_not_the_top_50(tiny_pair):
     does not cut either, so the two engines sample the same distribution."""
     import torch
 
-    from lightreasoner_ray.engine import EngineSpec, HFEngine
+    from lightreasoner_ray.engines.base import EngineSpec
+    from lightreasoner_ray.engines.hf import HFEngine
 
     engine = HFEngine(EngineSpec(model_path=str(tiny_pair["expert"]), max_new_tokens=1, batch_size=8,
                                  temperature=3.0, n=64, seed=0))
@@ -121,7 +123,7 @@ def test_hf_sampling_draws_from_the_whole_vocabulary_not_the_top_50(tiny_pair):
 
 
 def test_run_refuses_eval_models_beside_the_baseline(tmp_path):
-    from lightreasoner_ray.pipeline import check_before_start
+    from lightreasoner_ray.runs.pipeline import check_before_start
 
     config = load_config(TINY, [f"output_dir={tmp_path}", "rejection_sft.enabled=true", "eval.models=[a=/m]"])
     with pytest.raises(LightReasonerError, match="trained but not evaluated.*rejection_sft="):
@@ -131,7 +133,7 @@ def test_run_refuses_eval_models_beside_the_baseline(tmp_path):
 @pytest.mark.slow
 def test_with_no_solution_kept_the_baseline_is_skipped_with_a_warning(tiny_pair, problems_file, tmp_path, ray_local,
                                                                      caplog):
-    from lightreasoner_ray.rejection_sft import run_rejection_sft
+    from lightreasoner_ray.runs.rejection_sft import run_rejection_sft
 
     # Gold answers no 8-token completion can state.
     unreachable = tmp_path / "problems.jsonl"
@@ -153,7 +155,7 @@ def test_rejection_sampling_resumes_regrades_and_follows_the_problem_set(toy_run
     """The same run again samples nothing; a corrected gold answer regrades the stored answers
     (no model runs); a smaller data.limit builds the SFT data from the remaining problems only;
     a changed question under the same id, or a changed temperature, is refused."""
-    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+    from lightreasoner_ray.stages.rejection_sampling import run_rejection_sampling
     from lightreasoner_ray.toy.pair import SYSTEM_PROMPT
 
     rows = [json.loads(line) for line in toy_run_inputs["problems"].read_text().splitlines()]
@@ -209,7 +211,7 @@ def test_rejection_sampling_resumes_regrades_and_follows_the_problem_set(toy_run
 def toy_run_inputs(tmp_path_factory) -> dict[str, Path]:
     """The quick toy pair (a few training steps: it writes mostly noise, but at temperature 1 some
     sampled answers are right), 12 toy train problems with gold answers and 6 held-out ones."""
-    from lightreasoner_ray.demo import quick_pair_spec
+    from lightreasoner_ray.runs.demo import quick_pair_spec
     from lightreasoner_ray.toy import generate_problems
     from lightreasoner_ray.toy.pair import build_toy_pair
 

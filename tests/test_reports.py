@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lightreasoner_ray.reports import (
+from lightreasoner_ray.ui.reports import (
     accuracy_rows,
     bar_chart,
     markdown_table,

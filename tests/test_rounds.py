@@ -15,8 +15,8 @@ import pytest
 
 from lightreasoner_ray.config import DataConfig, load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.problems import load_problems
-from lightreasoner_ray.rounds import check_rounds_config, round_config
+from lightreasoner_ray.data.problems import load_problems
+from lightreasoner_ray.runs.rounds import check_rounds_config, round_config
 
 from conftest import DATA_DIR, REPO_ROOT, gsm8k_rows
 
@@ -118,7 +118,7 @@ def test_two_rounds_through_the_cli_resume_after_a_kill_in_round_two(tiny_pair, 
     questions = [row["question"] for row in gsm8k_rows(12)]
     def sampled_ids(directory: Path) -> list[str]:
         return sorted(pq.read_table(directory / "samples", columns=["problem_id"]).column("problem_id").to_pylist())
-    from lightreasoner_ray.problems import question_hash
+    from lightreasoner_ray.data.problems import question_hash
     assert sampled_ids(out) == sorted(question_hash(q) for q in questions[0:4])
     assert sampled_ids(round_two) == sorted(question_hash(q) for q in questions[4:8])  # no duplicates either
     # Round 2 trained an adapter on the merged round-1 expert.

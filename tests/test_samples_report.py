@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightreasoner_ray import storage
+from lightreasoner_ray.io import storage
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.samples_report import run_inspect
+from lightreasoner_ray.stages.inspect import run_inspect
 
 from conftest import REPO_ROOT
 
@@ -32,7 +32,7 @@ def config_for(tiny_pair, problems_file, output_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def sampled(tiny_pair, problems_file, tmp_path_factory, ray_local):
-    from lightreasoner_ray.sampling import run_sampling
+    from lightreasoner_ray.stages.sampling.stage import run_sampling
 
     output_dir = tmp_path_factory.mktemp("inspect")
     config = config_for(tiny_pair, problems_file, output_dir)

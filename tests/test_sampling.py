@@ -14,8 +14,9 @@ import pytest
 
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.sampler import SAMPLES_SCHEMA
-from lightreasoner_ray.sampling import prepare_problems, run_sampling
+from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
+from lightreasoner_ray.stages.sampling.stage import run_sampling
+from lightreasoner_ray.stages.problem_prompts import prepare_problems
 
 from conftest import REPO_ROOT
 
@@ -186,7 +187,7 @@ def test_model_path_that_does_not_exist(tiny_pair, problems_file, tmp_path):
 
 
 def test_incompatible_tokenizers(tiny_pair, problems_file, tmp_path):
-    from lightreasoner_ray.tiny import DEFAULT_AMATEUR, save_pair
+    from lightreasoner_ray.toy.tiny_models import DEFAULT_AMATEUR, save_pair
 
     _, other = save_pair(tmp_path / "other", ["completely different words here"] * 50 + ["zebra quartz"] * 50,
                          DEFAULT_AMATEUR, DEFAULT_AMATEUR, vocab_size=300)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.tiny import TinyModelSpec
+from lightreasoner_ray.toy.tiny_models import TinyModelSpec
 from lightreasoner_ray.toy import boxed_answer, check_solution, generate_problems
 from lightreasoner_ray.toy import pair as toy_pair
 from lightreasoner_ray.toy.pair import (
@@ -181,7 +181,7 @@ def test_grading_agrees_with_the_domain_checker():
 
 
 def test_shared_prefix_loss_matches_a_full_pass():
-    from lightreasoner_ray.tiny import build_model, train_tokenizer
+    from lightreasoner_ray.toy.tiny_models import build_model, train_tokenizer
 
     rows = generate_problems(24, seed=2, split="train")
     tokenizer = train_tokenizer(toy_pair._tokenizer_texts(rows), vocab_size=300)

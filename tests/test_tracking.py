@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from lightreasoner_ray import tracking
+from lightreasoner_ray.ui import tracking
+from lightreasoner_ray import config as config_module
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
 
@@ -27,7 +28,7 @@ CONSOLE_LINES = 20
 
 
 def test_a_backend_that_is_not_installed_fails_at_config_time_naming_the_extra(monkeypatch):
-    monkeypatch.setitem(tracking.BACKEND_PACKAGES, "wandb", ("wandb", "a_package_that_is_not_installed"))
+    monkeypatch.setitem(config_module.TRACKING_PACKAGES, "wandb", ("wandb", "a_package_that_is_not_installed"))
     with pytest.raises(LightReasonerError, match=r"tracking.backend=wandb needs the 'wandb' extra.*lightreasoner-ray\[wandb\]"):
         load_config(None, ["tracking.backend=wandb"])
 

@@ -10,19 +10,9 @@ import pytest
 import torch
 
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.sampler import SAMPLES_SCHEMA
-from lightreasoner_ray.train_data import (
-    Trajectory,
-    UpdatePlan,
-    check_samples,
-    check_samples_table,
-    collate,
-    micro_batches_per_update,
-    pack_trajectories,
-    placeholder_micro_batch,
-    reference_rows,
-    trajectory_from_row,
-)
+from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
+from lightreasoner_ray.data.samples import check_samples, check_samples_table, reference_rows
+from lightreasoner_ray.core.update_plan import Trajectory, UpdatePlan, collate, micro_batches_per_update, pack_trajectories, placeholder_micro_batch, trajectory_from_row
 
 
 def row(prompt, completion, steps, problem_id="p", support=2):
@@ -202,7 +192,7 @@ def test_check_rejects_missing_columns_and_unreadable_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lightreasoner_ray.tiny import train_tokenizer
+    from lightreasoner_ray.toy.tiny_models import train_tokenizer
 
     return train_tokenizer(["Natalia sold 48 clips in April and half as many in May. How many clips altogether?",
                             "She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 clips."] * 20, vocab_size=400)
@@ -214,7 +204,7 @@ def reference_line(question: str, prefix: str, ids, weights, **extra) -> str:
 
 
 def test_reference_jsonl_rows_tokenize_template_plus_prefix_and_label_the_last_position(tokenizer):
-    from lightreasoner_ray.prompts import chat_messages
+    from lightreasoner_ray.data.prompts import chat_messages
 
     question, prefix = "How many clips altogether?", "She sold 48 / 2 = 24"
     lines = [reference_line(question, prefix, [5, 9], [0.25, 0.75], kl_divergence=0.9), "",

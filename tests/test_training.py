@@ -18,9 +18,10 @@ import torch
 from conftest import gsm8k_rows
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.loss import SelectedStepLogits, step_kl
-from lightreasoner_ray.sampler import SAMPLES_SCHEMA
-from lightreasoner_ray.train_data import collate, trajectories_from_table
+from lightreasoner_ray.core.loss import SelectedStepLogits, step_kl
+from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
+from lightreasoner_ray.data.samples import trajectories_from_table
+from lightreasoner_ray.core.update_plan import collate
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,8 @@ STEPS_PER_UPDATE = 48
 def sampled(tiny_pair, tmp_path_factory) -> dict:
     """Contrastive samples of 12 GSM8K problems by the tiny pair, as a samples directory."""
     from lightreasoner_ray.config import ModelConfig
-    from lightreasoner_ray.prompts import prompt_ids
-    from lightreasoner_ray.sampler import ContrastiveSampler
+    from lightreasoner_ray.data.prompts import prompt_ids
+    from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
 
     sampler = ContrastiveSampler(ModelConfig(path=str(tiny_pair["expert"])), ModelConfig(path=str(tiny_pair["amateur"])),
                                  alpha=0.6, beta=0.3, max_new_tokens=24)
@@ -87,7 +88,7 @@ def assert_loss_falls(rows: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def zero2_run(tiny_pair, sampled, ray_local, tmp_path_factory):
-    from lightreasoner_ray.training import run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     output_dir = tmp_path_factory.mktemp("zero2")
     config = train_config(tiny_pair, output_dir, sampled["dir"])
@@ -116,7 +117,7 @@ def test_zero2_lora_trains_and_the_adapter_beats_the_base(tiny_pair, sampled, ze
 def test_zero3_lora_stops_at_a_nonfinite_loss_and_a_rerun_resumes_and_trains(
     tiny_pair, sampled, ray_local, monkeypatch, tmp_path
 ):
-    from lightreasoner_ray.training import FAULT_ENV, run_training
+    from lightreasoner_ray.stages.training.driver import FAULT_ENV, run_training
 
     config = train_config(tiny_pair, tmp_path, sampled["dir"], "train.deepspeed.stage=3", "train.checkpoint_every=4",
                           "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
@@ -141,7 +142,7 @@ def test_zero3_lora_stops_at_a_nonfinite_loss_and_a_rerun_resumes_and_trains(
 
 def synthetic_rows(tokenizer, questions, step_counts, seed=0) -> list[dict]:
     """Rows with uneven numbers of steps and sharp labels, in the samples schema."""
-    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.data.prompts import prompt_ids
 
     rng = random.Random(seed)
     rows = []
@@ -162,7 +163,7 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     steps unevenly)."""
     from transformers import AutoModelForCausalLM
 
-    from lightreasoner_ray.training import logit_vocab_size, run_training
+    from lightreasoner_ray.stages.training.driver import logit_vocab_size, run_training
 
     rows = synthetic_rows(sampled["tokenizer"], sampled["questions"][:2], [3, 9])
     samples = tmp_path / "samples"
@@ -192,7 +193,7 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
 def test_one_and_two_workers_train_the_same_updates(tiny_pair, sampled, ray_local, tmp_path):
     """One global order of steps: 1 worker (4 micro-batches of <= 5 steps an update) and 2 workers (2 each)
     train the same 16 steps in every update, so their losses and gradient norms agree."""
-    from lightreasoner_ray.training import run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     runs = {}
     for workers in (1, 2):
@@ -214,7 +215,7 @@ def test_one_and_two_workers_train_the_same_updates(tiny_pair, sampled, ray_loca
 def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lightreasoner_ray.export import run_export
+    from lightreasoner_ray.stages.export import run_export
 
     config = load_config(None, [f"output_dir={zero2_run['output_dir']}", f"export.output={tmp_path / 'merged'}"])
     result = run_export(config)
@@ -233,7 +234,7 @@ def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run,
 def test_a_worker_failure_resumes_from_the_checkpoint_without_repeating_updates(
     tiny_pair, sampled, zero2_run, monkeypatch, tmp_path
 ):
-    from lightreasoner_ray.training import FAULT_ENV, run_training
+    from lightreasoner_ray.stages.training.driver import FAULT_ENV, run_training
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"fail:11:1:{marker}")
@@ -262,8 +263,8 @@ def reference_jsonl(sampled, path: Path, limit: int = 40) -> Path:
 
 
 def test_reference_jsonl_samples_are_imported_once_as_single_step_trajectories(tiny_pair, sampled, tmp_path):
-    from lightreasoner_ray.train_data import check_samples
-    from lightreasoner_ray.training import find_samples, model_vocab_and_context
+    from lightreasoner_ray.data.samples import check_samples
+    from lightreasoner_ray.stages.training.driver import find_samples, model_vocab_and_context
 
     config = train_config(tiny_pair, tmp_path / "run", reference_jsonl(sampled, tmp_path / "cd_samples.jsonl"))
     vocab_size, context = model_vocab_and_context(config)
@@ -291,7 +292,7 @@ def test_reference_jsonl_samples_are_imported_once_as_single_step_trajectories(t
     ],
 )
 def test_bad_inputs_fail_before_any_worker_starts(tiny_pair, sampled, tmp_path, case, overrides, words):
-    from lightreasoner_ray.training import run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     samples = tmp_path / "samples"
     fine = synthetic_rows(sampled["tokenizer"], sampled["questions"][:1], [2])[0]
@@ -319,7 +320,7 @@ def test_bad_inputs_fail_before_any_worker_starts(tiny_pair, sampled, tmp_path, 
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
-    from lightreasoner_ray.training import lr_multiplier
+    from lightreasoner_ray.core.schedule import lr_multiplier
 
     assert [lr_multiplier(u, 4, 20, "constant") for u in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert lr_multiplier(4, 4, 20, "linear") == 1.0 and lr_multiplier(12, 4, 20, "linear") == pytest.approx(0.5)

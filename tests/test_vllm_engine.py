@@ -32,7 +32,7 @@ def vllm_overrides(section: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def vllm_pair(tmp_path_factory) -> dict[str, Path]:
-    from lightreasoner_ray.tiny import TinyModelSpec, save_pair
+    from lightreasoner_ray.toy.tiny_models import TinyModelSpec, save_pair
 
     texts = []
     for row in gsm8k_rows(400):
@@ -47,9 +47,10 @@ def vllm_pair(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_greedy_completions_equal_hf_token_for_token_and_sampling_draws_n(vllm_pair):
-    from lightreasoner_ray.engine import EngineSpec, HFEngine
-    from lightreasoner_ray.prompts import prompt_ids
-    from lightreasoner_ray.vllm_engine import VLLMEngine
+    from lightreasoner_ray.engines.base import EngineSpec
+    from lightreasoner_ray.engines.hf import HFEngine
+    from lightreasoner_ray.data.prompts import prompt_ids
+    from lightreasoner_ray.engines.vllm import VLLMEngine
 
     spec = EngineSpec(model_path=str(vllm_pair["expert"]), max_new_tokens=40, batch_size=8, vllm=CPU_VLLM)
     hf = HFEngine(spec)
@@ -97,7 +98,7 @@ def sampling_config(pair, problems_file, output_dir, engine):
 
 @pytest.mark.slow
 def test_sampling_with_vllm_writes_the_samples_of_hf(vllm_pair, problems_file, tmp_path, ray_local):
-    from lightreasoner_ray.sampling import run_sampling
+    from lightreasoner_ray.stages.sampling.stage import run_sampling
 
     samples = {}
     for engine in ("hf", "vllm"):
@@ -122,8 +123,8 @@ def test_sampling_with_vllm_writes_the_samples_of_hf(vllm_pair, problems_file, t
 def test_rejection_sampling_through_vllm_draws_k_graded_solutions_a_problem(vllm_pair, problems_file, tmp_path, ray_local):
     from transformers import AutoTokenizer
 
-    from lightreasoner_ray.grading import extract_answer, is_equivalent
-    from lightreasoner_ray.rejection_sft import run_rejection_sampling
+    from lightreasoner_ray.core.grading import extract_answer, is_equivalent
+    from lightreasoner_ray.stages.rejection_sampling import run_rejection_sampling
 
     config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [
         f"expert.path={vllm_pair['expert']}", f"amateur.path={vllm_pair['amateur']}", f"data.problems={problems_file}",
@@ -149,8 +150,8 @@ def test_an_adapter_evaluates_the_same_through_vllm_and_hf(vllm_pair, tmp_path, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lightreasoner_ray.evaluation import run_evaluation
-    from lightreasoner_ray.vllm_engine import adapter_fingerprint, cache_root
+    from lightreasoner_ray.stages.evaluation.stage import run_evaluation
+    from lightreasoner_ray.engines.vllm import adapter_fingerprint, cache_root
 
     base = AutoModelForCausalLM.from_pretrained(vllm_pair["expert"])
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

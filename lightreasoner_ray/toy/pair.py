@@ -11,7 +11,7 @@ and the expert has room to improve::
     pair.expert_accuracy, pair.amateur_accuracy  # greedy, held-out test split
 
 - **Tokenizer** (shared): a byte-level BPE trained on the toy corpus and the system
-  prompt (:func:`lightreasoner_ray.tiny.train_tokenizer`), used exactly as
+  prompt (:func:`lightreasoner_ray.toy.tiny_models.train_tokenizer`), used exactly as
   ``AutoTokenizer`` loads it back from a Qwen2 model directory, i.e. as a
   ``Qwen2Tokenizer`` that splits numbers into single digits, like Qwen2.5.
 - **Training**: plain PyTorch, AdamW on the causal-LM loss of the assistant turn
@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.tiny import TinyModelSpec, build_model, train_tokenizer
+from lightreasoner_ray.toy.tiny_models import TinyModelSpec, build_model, train_tokenizer
 from lightreasoner_ray.toy.domain import boxed_answer, corpus_texts, generate_problems, hasty_answer, hasty_solution
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ nearly always do (when it gets that far)."""
 
 
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    from lightreasoner_ray.prompts import prompt_ids
+    from lightreasoner_ray.data.prompts import prompt_ids
 
     return prompt_ids(tokenizer, question, SYSTEM_PROMPT)
 
@@ -305,7 +305,7 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
-    from lightreasoner_ray.training import lr_multiplier
+    from lightreasoner_ray.core.schedule import lr_multiplier
 
     if len(examples) < recipe.batch_size:
         raise LightReasonerError(f"toy pair: {len(examples)} examples for a batch of {recipe.batch_size}")
@@ -359,7 +359,7 @@ def toy_completions(
     model: Any, tokenizer: Any, problems: Sequence[dict], max_new_tokens: int = 64, batch_size: int = 100
 ) -> list[str]:
     """Greedy completions (decoded, special tokens dropped), batched and left-padded."""
-    from lightreasoner_ray.generation import greedy_generate
+    from lightreasoner_ray.engines.generation import greedy_generate
 
     completions: list[str] = []
     for start in range(0, len(problems), batch_size):

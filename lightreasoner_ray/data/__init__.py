@@ -1,0 +1,1 @@
+"""Problems, benchmarks, prompts and the samples' Parquet schema."""

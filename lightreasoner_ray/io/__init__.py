@@ -1,0 +1,1 @@
+"""Storage (atomic, local or URI), the run layout and the stage record."""

@@ -1,0 +1,177 @@
+"""The run layout: every path a run writes under its ``output_dir``, named once.
+
+Stages, tracking, reports, rounds and the demo ask a :class:`RunLayout` for a path
+instead of joining string literals, so an on-disk name is changed (or looked up) here
+and nowhere else. The names are part of the public interface: an output_dir written
+by an earlier version must still resume, so a name here changes only with a migration.
+
+    <output_dir>/
+      samples/                 sampling: the samples Parquet dataset (one row per trajectory)
+      sampling_settings.json   sampling: the stage record (what the samples were made from)
+      samples_summary.json     sampling: counts, KL distribution, timings
+      checkpoints/             training: Ray Train / DeepSpeed checkpoints + provenance.json
+      model/                   training: the published adapter (LoRA) or full model
+      train_summary.json       training: counts, timings, final loss
+      train_metrics.jsonl      training: one line per logged update
+      eval/<tag>/              evaluation: predictions, shards and generation.json per model
+      eval/results.{json,md,png}
+      report.{json,md}         run: the pipeline's report
+      rejection_sft/           the rejection-sampled SFT baseline (its own samples/, checkpoints/, model/)
+      round-<n>/               rounds > 1: round n's own layout
+      rounds.{json,md}         rounds: one row per round
+      merged/                  export: the adapter merged into a standalone model
+      demo_settings.json, demo_results.{json,md,png}   the demo
+      logs/                    the console's log files
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightreasoner_ray.config import join_path
+
+# Record files (a stage's record sits beside what it describes).
+SAMPLING_SETTINGS = "sampling_settings.json"
+REJECTION_SETTINGS = "rejection_settings.json"
+GENERATION_SETTINGS = "generation.json"
+DEMO_SETTINGS = "demo_settings.json"
+PROVENANCE = "provenance.json"
+ROUND_DONE = "round_done.json"
+# Directories and files.
+SAMPLES = "samples"
+SAMPLES_SUMMARY = "samples_summary.json"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+TRAIN_SUMMARY = "train_summary.json"
+TRAIN_METRICS = "train_metrics.jsonl"
+EVAL = "eval"
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REJECTION_SFT = "rejection_sft"
+SOLUTIONS = "solutions"
+REJECTION_SUMMARY = "rejection_summary.json"
+ROUNDS_JSON, ROUNDS_MD = "rounds.json", "rounds.md"
+MERGED = "merged"
+DEMO_RESULTS = "demo_results"
+LOGS = "logs"
+IMPORTED_SAMPLES = "imported_samples"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory (local path or URI)."""
+
+    output_dir: str
+
+    def path(self, *parts: str) -> str:
+        return join_path(self.output_dir, *parts)
+
+    # ---- sampling
+    @property
+    def samples(self) -> str:
+        return self.path(SAMPLES)
+
+    @property
+    def sampling_settings(self) -> str:
+        return self.path(SAMPLING_SETTINGS)
+
+    @property
+    def samples_summary(self) -> str:
+        return self.path(SAMPLES_SUMMARY)
+
+    def imported_samples(self, name: str) -> str:
+        return self.path(IMPORTED_SAMPLES, name)
+
+    # ---- training
+    @property
+    def checkpoints(self) -> str:
+        return self.path(CHECKPOINTS)
+
+    @property
+    def checkpoints_provenance(self) -> str:
+        return self.path(CHECKPOINTS, PROVENANCE)
+
+    @property
+    def model(self) -> str:
+        return self.path(MODEL)
+
+    @property
+    def model_provenance(self) -> str:
+        return self.path(MODEL, PROVENANCE)
+
+    @property
+    def train_summary(self) -> str:
+        return self.path(TRAIN_SUMMARY)
+
+    @property
+    def train_metrics(self) -> str:
+        return self.path(TRAIN_METRICS)
+
+    @property
+    def training_outputs(self) -> list[str]:
+        """What the training stage writes (``--restart`` removes these)."""
+        return [self.checkpoints, self.model, self.train_summary, self.train_metrics]
+
+    # ---- evaluation
+    @property
+    def eval(self) -> str:
+        return self.path(EVAL)
+
+    def eval_model(self, tag: str) -> str:
+        return self.path(EVAL, tag)
+
+    @property
+    def results(self) -> dict[str, str]:
+        return {"json": self.path(EVAL, "results.json"), "markdown": self.path(EVAL, "results.md"),
+                "chart": self.path(EVAL, "results.png")}
+
+    # ---- the pipeline's report, rounds, export
+    @property
+    def report(self) -> dict[str, str]:
+        return {"json": self.path(REPORT_JSON), "markdown": self.path(REPORT_MD)}
+
+    @property
+    def rounds_report(self) -> dict[str, str]:
+        return {"json": self.path(ROUNDS_JSON), "markdown": self.path(ROUNDS_MD)}
+
+    @property
+    def round_done(self) -> str:
+        return self.path(ROUND_DONE)
+
+    def round(self, number: int) -> "RunLayout":
+        """Round ``number``'s own layout (round 1 is the run directory itself)."""
+        return self if number == 1 else RunLayout(self.path(f"round-{number}"))
+
+    @property
+    def merged(self) -> str:
+        return self.path(MERGED)
+
+    # ---- the rejection-sampled SFT baseline: a layout of its own under rejection_sft/
+    @property
+    def rejection_sft(self) -> "RunLayout":
+        return RunLayout(self.path(REJECTION_SFT))
+
+    @property
+    def solutions(self) -> str:
+        return self.path(SOLUTIONS)
+
+    @property
+    def rejection_settings(self) -> str:
+        return self.path(REJECTION_SETTINGS)
+
+    @property
+    def rejection_summary(self) -> str:
+        return self.path(REJECTION_SUMMARY)
+
+    # ---- the demo
+    @property
+    def demo_settings(self) -> str:
+        return self.path(DEMO_SETTINGS)
+
+    @property
+    def demo_results(self) -> dict[str, str]:
+        return {"json": self.path(f"{DEMO_RESULTS}.json"), "markdown": self.path(f"{DEMO_RESULTS}.md"),
+                "chart": self.path(f"{DEMO_RESULTS}.png")}
+
+    @property
+    def logs(self) -> str:
+        return self.path(LOGS)

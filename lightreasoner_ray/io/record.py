@@ -1,0 +1,348 @@
+"""What made an artefact: fingerprints of weights, samples and settings, and the refusals built on them.
+
+Every stage resumes from what ``output_dir`` holds, so every artefact records what
+made it and a re-run with other inputs is refused (or, asked with ``--restart``,
+started over) instead of mixing old and new work:
+
+- samples: ``sampling_settings.json`` (the models' weight fingerprints and the
+  sampling settings);
+- checkpoints: ``<output_dir>/checkpoints/provenance.json`` (a
+  :class:`TrainingProvenance`: the samples' content, the expert's weights and the
+  ``train.*`` settings that shape the result);
+- the published model: ``<output_dir>/model/provenance.json`` (the same record and
+  the update it holds), written inside the directory before it is published;
+- predictions: the evaluated model's :func:`weights_fingerprint` in every prediction
+  row and in ``generation.json``.
+
+Fingerprinting weights has to be cheap enough to run on every evaluation of a
+15 GB model, so :func:`weights_fingerprint` reads every file's name and size, hashes
+the whole content of small files (configs, tokenizers, LoRA adapters,
+``provenance.json``), and of large files only the safetensors header (tensor names,
+shapes, dtypes and offsets) and the modification time. A re-written checkpoint gets
+a new mtime, and a trained model directory carries its ``provenance.json``, so
+either changes the fingerprint; what it cannot see is a large file overwritten in
+place with the same layout and a forged mtime. A PEFT adapter's fingerprint covers
+its base model's too. A model that is not a local directory (a hub id) is
+identified by its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from lightreasoner_ray.config import join_path
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import SAMPLING_SETTINGS
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io.model_dirs import adapter_base_path
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "provenance.json"
+# Files up to this size are hashed whole; larger ones by their layout and mtime.
+FULL_HASH_MAX_BYTES = 64 << 20
+_READ_CHUNK = 1 << 20
+_SAFETENSORS_MAX_HEADER = 100 << 20
+
+# train.* keys that may differ between the runs of one output_dir, and why:
+# - the step budget and bookkeeping: raising max_steps continues the same run;
+# - where the samples are (their content is fingerprinted instead) and resources that do
+#   not change the numbers (cpus_per_worker; gradient_checkpointing recomputes the same
+#   activations);
+# - optimizer settings, which the config sets anew on resume (training._restore), so a
+#   lowered lr takes effect from the next update; the metrics log records the lr used.
+# Everything else (data order: seed, micro_batch_steps, grad_accum, num_workers,
+# steps_per_update; the model: lora.*, deepspeed.*, the device via gpus_per_worker) shapes
+# what a checkpoint holds or where its data position points: a change is refused.
+# A new train.* key is refused when it changes unless it is listed here.
+RESUMABLE_TRAIN_KEYS = frozenset({
+    "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures",
+    "samples", "cpus_per_worker", "gradient_checkpointing",
+    "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+})
+
+
+# ---- fingerprints -------------------------------------------------------------------
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return b""
+        length = int.from_bytes(prefix, "little")
+        if length > _SAFETENSORS_MAX_HEADER:
+            return b""
+        return handle.read(length)
+
+
+def _model_files(directory: Path) -> list[Path]:
+    """Every file under ``directory`` except hidden ones (caches, temporaries)."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root, name) for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+def weights_fingerprint(path: str, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES, _seen: frozenset = frozenset()) -> str:
+    """A short hash identifying the weights (and adapter) at ``path``; see the module docstring."""
+    local = Path(path).expanduser()
+    if storage.is_uri(path) or not local.exists():
+        return "name-" + hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha256(b"weights-v1\0")
+    files = [local] if local.is_file() else _model_files(local)
+    for file in files:
+        stat = file.stat()
+        relative = file.name if file == local else file.relative_to(local).as_posix()
+        digest.update(f"{relative}\0{stat.st_size}\0".encode("utf-8"))
+        if stat.st_size <= full_hash_max_bytes:
+            digest.update(_file_digest(file).encode("ascii"))
+        else:
+            if file.suffix == ".safetensors":
+                digest.update(safetensors_header(file))
+            digest.update(str(stat.st_mtime_ns).encode("ascii"))
+    if local.is_dir():
+        base = adapter_base_path(str(local))
+        resolved = str(local.resolve())
+        if base and resolved not in _seen:
+            digest.update(b"base\0" + weights_fingerprint(base, full_hash_max_bytes, _seen | {resolved}).encode())
+    return digest.hexdigest()[:16]
+
+
+def samples_fingerprint(files: Iterable[str]) -> str:
+    """A hash of the samples' content: the sorted digests of their files (their names are random)."""
+    digests = sorted(hashlib.sha256(storage.read_bytes(path)).hexdigest() for path in files)
+    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()[:16]
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    """``{"lora": {"r": 8}}`` under ``"train"`` -> ``{"train.lora.r": 8}``."""
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}.{key}"))
+        return flat
+    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def shaping_train_settings(config: Any) -> dict[str, Any]:
+    """The ``train.*`` settings (and ``expert.dtype``) a checkpoint's content depends on."""
+    import dataclasses
+
+    settings = {
+        key: value for key, value in flatten(dataclasses.asdict(config.train), "train").items()
+        if key.split(".", 1)[1] not in RESUMABLE_TRAIN_KEYS
+    }
+    settings["expert.dtype"] = config.expert.dtype
+    return settings
+
+
+# ---- records and their comparison -----------------------------------------------------
+
+
+@dataclass
+class TrainingProvenance:
+    """What a training run's checkpoints and published model were made from."""
+
+    samples: str  # samples_fingerprint of the training samples
+    expert: str  # weights_fingerprint of the expert
+    settings: dict[str, Any] = field(default_factory=dict)  # shaping_train_settings
+    samples_source: str = ""  # where the samples were (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "samples_source": self.samples_source, "expert": self.expert,
+                "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "TrainingProvenance":
+        return cls(samples=str(record.get("samples", "")), expert=str(record.get("expert", "")),
+                   settings=dict(record.get("settings") or {}), samples_source=str(record.get("samples_source", "")))
+
+    def changes_from(self, recorded: "TrainingProvenance") -> list[str]:
+        """What differs now from ``recorded``, one phrase each (empty when nothing does)."""
+        changes = []
+        if recorded.samples != self.samples:
+            where = f" in {self.samples_source}" if self.samples_source else ""
+            changes.append(f"the samples changed{where} (content fingerprint {recorded.samples} -> {self.samples}; "
+                           "re-sampled, or other problems or sampling settings?)")
+        if recorded.expert != self.expert:
+            changes.append(f"the expert's weights changed (fingerprint {recorded.expert} -> {self.expert})")
+        for key in sorted(set(recorded.settings) | set(self.settings)):
+            before, after = recorded.settings.get(key, "<unset>"), self.settings.get(key, "<unset>")
+            if before != after:
+                changes.append(f"{key}: {before!r} -> {after!r}")
+        return changes
+
+
+def read_record(path: str) -> Optional[dict[str, Any]]:
+    """A JSON record, or None when there is none (or it is unreadable: treated as unknown)."""
+    if not storage.exists(path):
+        return None
+    try:
+        record = storage.read_json(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s)", path, exc)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def refusal(artefact: str, changes: list[str], output_dir: str, command: str) -> LightReasonerError:
+    """The error for a re-run whose inputs differ from those of what ``output_dir`` holds."""
+    return LightReasonerError(
+        f"{artefact} came from other inputs: {'; '.join(changes)}. Resuming would mix them. To proceed, "
+        f"use a new output_dir, or re-run with `lightreasoner {command} --restart` to discard them and start "
+        f"over in {output_dir}."
+    )
+
+
+# ---- starting over --------------------------------------------------------------------
+
+
+def remove_path(path: str) -> bool:
+    """Delete a file or directory tree (local or URI) for ``--restart``; True when something was there.
+
+    A local directory is first renamed to a hidden sibling, so a reader never sees it
+    half deleted and an interrupted removal leaves nothing that looks like a result.
+    """
+    if storage.is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        info = filesystem.get_file_info(inner)
+        if info.type == fs.FileType.NotFound:
+            return False
+        if info.type == fs.FileType.Directory:
+            filesystem.delete_dir(inner)
+        else:
+            filesystem.delete_file(inner)
+        return True
+    target = Path(path)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+        return True
+    if not target.exists():
+        return False
+    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.removed")
+    os.replace(target, retired)
+    shutil.rmtree(retired)
+    return True
+
+
+def restart_stage(stage: str, paths: list[str]) -> None:
+    """Remove a stage's artefacts (``--restart``), logging what went."""
+    removed = [path for path in paths if remove_path(path)]
+    if removed:
+        logger.info("--restart: removed the %s stage's earlier outputs: %s", stage, ", ".join(removed))
+
+
+# ---- the stage record ------------------------------------------------------------------
+
+
+def describe_change(key: str, before: Any, after: Any) -> str:
+    """One phrase per changed input, as every refusal words it: ``key: before -> after``."""
+    return f"{key}: {before!r} -> {after!r}"
+
+
+@dataclass
+class StageRecord:
+    """What one stage's outputs were made from, kept as JSON beside them, and the rule for a re-run.
+
+    ``settings`` holds everything that decides the stage's result: its settings and the
+    fingerprints of its inputs (weights, samples, problems, benchmark rows). Keys in
+    ``informational`` are written for the reader (a model's path, when its weights'
+    fingerprint identifies it) and never compared; keys in ``resumable`` may change
+    between runs of one output_dir (the config wins from then on). Every stage claims its
+    record before it resumes: with no outputs yet the record is (re)written, since
+    nothing could be mixed; with outputs and the same inputs the stage resumes; with
+    outputs and other inputs :meth:`claim` raises the stage's refusal, which names what
+    changed and the two ways out (a new output_dir, or ``--restart``).
+    """
+
+    path: str
+    settings: dict[str, Any]
+    informational: frozenset[str] = frozenset()
+    resumable: frozenset[str] = frozenset()
+
+    def read(self) -> Optional[dict[str, Any]]:
+        return read_record(self.path)
+
+    def write(self) -> None:
+        storage.write_json_atomic(self.path, self.settings)
+
+    def compared_keys(self, recorded: dict[str, Any]) -> list[str]:
+        """The keys that decide the result now (a key the stage no longer records decides nothing)."""
+        return [key for key in self.settings if key not in self.informational | self.resumable]
+
+    def changes(self, recorded: dict[str, Any], missing: Any = None) -> list[str]:
+        """What differs from ``recorded`` (``describe_change`` phrases; empty when nothing does)."""
+        return [describe_change(key, recorded.get(key, missing), self.settings.get(key, missing))
+                for key in self.compared_keys(recorded)
+                if recorded.get(key, missing) != self.settings.get(key, missing)]
+
+    def claim(self, has_outputs: bool, refuse: Callable[[list[str]], Exception], *,
+              unrecorded: Optional[Callable[[], None]] = None) -> Optional[dict[str, Any]]:
+        """Record these inputs, or refuse to resume outputs made from others; returns the earlier record.
+
+        ``unrecorded`` handles outputs without a record (an older version's run): by default the
+        record is written and the stage resumes unchecked, with a warning.
+        """
+        recorded = self.read()
+        if has_outputs and recorded is None:
+            if unrecorded is not None:
+                unrecorded()
+            else:
+                logger.warning("%s has outputs but no record; resuming without checking what made them", self.path)
+        elif has_outputs:
+            changes = self.changes(recorded)
+            if changes:
+                raise refuse(changes)
+            if self.resumable and any(recorded.get(key) != self.settings.get(key) for key in self.resumable):
+                self.write()
+            return recorded
+        self.write()
+        return recorded
+
+
+def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any],
+                            settings_file: str = SAMPLING_SETTINGS,
+                            way_out: str = "re-run with `lightreasoner sample --restart` to discard them and start over",
+                            informational: tuple[str, ...] = ("expert", "amateur")) -> None:
+    """Record the settings of a new (or still empty) samples directory; refuse to resume one
+    holding rows made with others, saying ``way_out``. Keys in ``informational`` (the models'
+    paths: their weights' fingerprints identify them) are recorded but never compared.
+
+    The record (``settings_file`` in ``output_dir``) sits beside ``samples/``, which
+    stays a pure Parquet dataset.
+    """
+    record = StageRecord(join_path(output_dir, settings_file), settings, informational=frozenset(informational))
+
+    def refuse(changes: list[str]) -> LightReasonerError:
+        return LightReasonerError(
+            f"{samples_dir} holds samples made with other settings ({'; '.join(changes)}); resuming would mix them. "
+            f"Use a new output_dir, or {way_out}."
+        )
+
+    record.claim(bool(storage.list_parquet_files(samples_dir)), refuse, unrecorded=lambda: logger.warning(
+        "%s has samples but no %s; resuming without checking their settings", samples_dir, settings_file))

@@ -1,0 +1,1 @@
+"""Runs: pipeline, rounds, rejection-sampled SFT and the demo; the only place stages are composed."""

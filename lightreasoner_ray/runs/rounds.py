@@ -1,0 +1,164 @@
+"""``lightreasoner run ... rounds=N``: iterative LightReasoner rounds.
+
+Round 1 is an ordinary run in ``<output_dir>`` (the layout of a one-round run).
+Round r + 1 (in ``<output_dir>/round-<r+1>``) samples with round r's trained expert,
+its LoRA adapter merged into its base (``<round r dir>/merged``; a fully fine-tuned
+model is used as it is), against the same amateur, on the next ``data.limit``
+problems of the same problem file (fresh ones: ``data.offset`` advances by
+``data.limit`` a round), trains from them and evaluates the new model. The report
+(``<output_dir>/rounds.json`` and ``rounds.md``) gives accuracy and tuned tokens per
+round.
+
+A round that finished (its stages and the merge) leaves ``round_done.json`` holding
+the settings it ran with; a re-submitted job skips such rounds whole and resumes the
+first unfinished one stage by stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.config import Config, ExportConfig, join_path
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.runs.round import BASELINE_TAG, REJECTION_SFT_TAG, TRAINED_TAG, run_round
+from lightreasoner_ray.ui.reports import markdown_table, paper_order, percent, title
+
+logger = logging.getLogger(__name__)
+
+ROUND_DONE_FILE = "round_done.json"
+
+
+def round_dir(output_dir: str, round_number: int) -> str:
+    return output_dir if round_number == 1 else join_path(output_dir, f"round-{round_number}")
+
+
+def round_config(config: Config, round_number: int, expert_path: str) -> Config:
+    """The config of one round: its own output directory, expert and slice of problems."""
+    data = dataclasses.replace(config.data, offset=config.data.offset + (round_number - 1) * config.data.limit)
+    return dataclasses.replace(
+        config,
+        output_dir=round_dir(config.output_dir, round_number),
+        expert=dataclasses.replace(config.expert, path=expert_path),
+        data=data,
+        # Each round's adapter is merged to the round's defaults (<round dir>/merged).
+        export=ExportConfig(dtype=config.export.dtype),
+        # The rejection-sampling SFT baseline is trained once, beside round 1, from the original expert.
+        rejection_sft=dataclasses.replace(config.rejection_sft, enabled=config.rejection_sft.enabled and round_number == 1),
+        rounds=1,
+    )
+
+
+def check_rounds_config(config: Config) -> None:
+    if config.train.samples:
+        raise LightReasonerError(
+            f"rounds={config.rounds}: train.samples={config.train.samples!r} would train every round on the same "
+            "samples; leave train.samples empty (each round trains on <round dir>/samples)"
+        )
+    if config.eval.models:
+        raise LightReasonerError(
+            f"rounds={config.rounds}: eval.models is set; each round evaluates its own trained model "
+            "(and round 1 the untouched expert too): leave eval.models empty"
+        )
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    tree = config.to_dict()
+    tree.pop("ray", None)
+    return tree
+
+
+def _finished_round(config: Config) -> dict[str, Any] | None:
+    path = join_path(config.output_dir, ROUND_DONE_FILE)
+    if not storage.exists(path):
+        return None
+    done = storage.read_json(path)
+    if done.get("settings") != _settings(config):
+        logger.info("%s was written with other settings: the round's stages resume or redo as they see fit", path)
+        return None
+    return done
+
+
+def _next_expert(config: Config) -> str:
+    """Round r's trained expert as a standalone model for round r + 1 to sample with."""
+    from lightreasoner_ray.stages.export import export_paths, run_export
+
+    if not config.train.lora.enabled:
+        return os.path.abspath(join_path(config.output_dir, "model"))
+    run_export(config)
+    # Absolute: the next round's Ray workers do not share the driver's working directory.
+    return os.path.abspath(export_paths(config)[1])
+
+
+def run_rounds(config: Config) -> dict[str, Any]:
+    check_rounds_config(config)
+    rows: list[dict[str, Any]] = []
+    expert = config.expert.path
+    for number in range(1, config.rounds + 1):
+        current = round_config(config, number, expert)
+        done = _finished_round(current)
+        if done is not None:
+            logger.info("round %d/%d already finished in %s, skipped", number, config.rounds, current.output_dir)
+            rows.append(done["row"])
+            expert = done["next_expert"]
+            continue
+        logger.info("round %d/%d: expert %s, problems %d..%d of %s", number, config.rounds, expert,
+                    current.data.offset, current.data.offset + current.data.limit - 1, current.data.problems)
+        started = time.time()
+        models = None if number == 1 else [f"{TRAINED_TAG}={join_path(current.output_dir, 'model')}"]
+        report = run_round(current, eval_models=models)
+        next_expert = _next_expert(current) if number < config.rounds else ""
+        row = round_row(number, current, report, time.time() - started)
+        storage.write_json_atomic(join_path(current.output_dir, ROUND_DONE_FILE),
+                                  {"settings": _settings(current), "row": row, "next_expert": next_expert})
+        rows.append(row)
+        expert = next_expert
+    summary = {"output_dir": config.output_dir, "rounds": rows}
+    storage.write_json_atomic(join_path(config.output_dir, "rounds.json"), summary)
+    storage.write_bytes_atomic(join_path(config.output_dir, "rounds.md"), rounds_markdown(summary).encode("utf-8"))
+    logger.info("rounds report: %s", join_path(config.output_dir, "rounds.md"))
+    return summary
+
+
+def _accuracies(results: dict[str, Any], tag: str) -> dict[str, float]:
+    return {name: bench["accuracy"] for name, bench in results["models"][tag]["benchmarks"].items()}
+
+
+def round_row(number: int, config: Config, report: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+    results = report["results"]
+    return {
+        "round": number,
+        "output_dir": config.output_dir,
+        "expert": config.expert.path,
+        "problems": [config.data.offset, config.data.offset + report["problems_sampled"]],
+        "problems_sampled": report["problems_sampled"],
+        "tuned_tokens": report["tokens"]["tuned_tokens_lightreasoner"],
+        "completion_tokens": report["tokens"]["completion_tokens"],
+        "accuracy": _accuracies(results, TRAINED_TAG),
+        # Round 1 also evaluated the untouched expert: the accuracy every round is measured against.
+        "baseline_accuracy": _accuracies(results, BASELINE_TAG) if number == 1 else None,
+        "rejection_sft_accuracy": _accuracies(results, REJECTION_SFT_TAG) if REJECTION_SFT_TAG in results["models"] else None,
+        "rejection_sft_tuned_tokens": report.get("rejection_sft", {}).get("tuned_tokens"),
+        "wall_time_s": wall_time_s,
+    }
+
+
+def rounds_markdown(summary: dict[str, Any]) -> str:
+    rows = summary["rounds"]
+    benchmarks = paper_order(rows[0]["accuracy"])
+    table = [["expert (before round 1)", "–", "–", *[percent(rows[0]["baseline_accuracy"].get(b)) for b in benchmarks], "–"]]
+    for row in rows:
+        table.append([f"after round {row['round']}", row["problems_sampled"], row["tuned_tokens"],
+                      *[percent(row["accuracy"].get(b)) for b in benchmarks], f"{row['wall_time_s']:.0f} s"])
+    if rows[0].get("rejection_sft_accuracy"):
+        table.append(["SFT (rejection-sampled), round 1's problems", rows[0]["problems_sampled"],
+                      rows[0]["rejection_sft_tuned_tokens"],
+                      *[percent(rows[0]["rejection_sft_accuracy"].get(b)) for b in benchmarks], "–"])
+    columns = ["model", "problems sampled", "tuned tokens", *[f"{title(b)} (%)" for b in benchmarks], "wall time"]
+    return (f"# LightReasoner rounds\n\nOutputs under `{summary['output_dir']}` (round 1 there, round r in "
+            f"`round-<r>/`). Each round samples fresh problems with the previous round's expert, merged.\n\n"
+            f"{markdown_table(table, columns)}")

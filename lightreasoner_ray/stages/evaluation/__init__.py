@@ -1,0 +1,1 @@
+"""The evaluation stage: the Ray pool of evaluator actors, the prediction store and the stage."""

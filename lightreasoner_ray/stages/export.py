@@ -1,0 +1,120 @@
+"""``lightreasoner export``: merge a LoRA adapter into a standalone Hugging Face model.
+
+The adapter is ``export.adapter`` (default ``<output_dir>/model``, where training puts
+it); the base model is ``expert.path`` when given, else the base recorded in the
+adapter's ``adapter_config.json``. The merged model and the tokenizer are written to
+``export.output`` (default ``<output_dir>/merged``), replacing it whole: readers never
+see a half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.errors import LightReasonerError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_paths(config: Config) -> tuple[str, str]:
+    """(adapter directory, merged model directory) after applying the defaults."""
+    adapter = config.export.adapter or join_path(config.output_dir, "model")
+    output = config.export.output or join_path(config.output_dir, "merged")
+    return adapter, output
+
+
+def _adapter_base(adapter: Path) -> str:
+    adapter_config = adapter / "adapter_config.json"
+    if not adapter_config.is_file():
+        if (adapter / "config.json").is_file():
+            raise LightReasonerError(
+                f"{adapter} is already a full model (config.json, no adapter_config.json): there is no adapter "
+                "to merge. Full fine-tuning (train.lora.enabled=false) writes a standalone model directly."
+            )
+        raise LightReasonerError(f"export.adapter: {adapter} has no adapter_config.json (is it a PEFT adapter?)")
+    try:
+        return str(json.loads(adapter_config.read_text())["base_model_name_or_path"] or "")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise LightReasonerError(f"{adapter_config} is not a valid PEFT adapter config: {exc}") from None
+
+
+def _load_dtype(requested: str, base: str, trust_remote_code: bool) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    from transformers import AutoConfig
+
+    stored = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def run_export(config: Config) -> dict[str, Any]:
+    """Merge the adapter into its base model and save the result; return what was done."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightreasoner_ray.engines.models import check_model_path
+
+    started = time.time()
+    adapter_path, output_path = export_paths(config)
+    for name, value in (("export.adapter", adapter_path), ("export.output", output_path)):
+        if "://" in value:
+            raise LightReasonerError(f"{name}={value}: export works on local directories; copy the adapter locally first")
+    adapter = Path(adapter_path).expanduser()
+    if not adapter.is_dir():
+        raise LightReasonerError(f"export.adapter: {adapter} does not exist (train first, or set export.adapter)")
+    recorded_base = _adapter_base(adapter)  # also rejects a full model given as the adapter
+    base = config.expert.path or recorded_base
+    if not base:
+        raise LightReasonerError(f"{adapter}/adapter_config.json names no base model: set expert.path")
+    check_model_path(base, "expert")
+    trust = config.expert.trust_remote_code
+    dtype = _load_dtype(config.export.dtype, base, trust)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise LightReasonerError(f"cannot merge adapter {adapter} into {base}: {exc}") from None
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), trust_remote_code=trust)
+
+    target = Path(output_path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary = {
+        "adapter": str(adapter),
+        "base": base,
+        "output": str(target),
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in merged.parameters()),
+        "wall_time_s": time.time() - started,
+    }
+    logger.info("merged adapter %s into %s: %s", adapter, base, target)
+    return summary
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
