@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lightreasoner_ray.runs.demo import VARIANTS, cache_dir, claim_output_dir, demo_config, pair_fingerprint, run_demo
-from lightreasoner_ray.stages.rejection_sampling import DIRECTORY as REJECTION_DIR
+from lightreasoner_ray.io.layout import REJECTION_SFT as REJECTION_DIR
 from lightreasoner_ray.toy.pair import build_toy_pair
 
 

@@ -77,7 +77,7 @@ def grading_corpus(rows_per_benchmark: int) -> list[tuple[str, list[dict], list[
 
 def warm_up_grading_workers(ray) -> None:
     """Start Ray's task workers and their symbolic grading processes outside any timing."""
-    from lightreasoner_ray.stages.evaluation.stage import grade_rows
+    from lightreasoner_ray.core.scoring import grade_rows
 
     grade_task = ray.remote(grade_rows).options(num_cpus=1)
     row = {"id": "0", "question": "q", "answer": "\\sqrt{2}/2"}
@@ -87,7 +87,7 @@ def warm_up_grading_workers(ray) -> None:
 
 def grading_throughput(corpus, ray, repeats: int = 2) -> dict:
     """Best of ``repeats`` timings each way (the first run of a process starts its symbolic worker)."""
-    from lightreasoner_ray.stages.evaluation.stage import grade_rows
+    from lightreasoner_ray.core.scoring import grade_rows
 
     grade_task = ray.remote(grade_rows).options(num_cpus=1)
     warm_up_grading_workers(ray)

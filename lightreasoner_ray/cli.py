@@ -21,8 +21,8 @@ import sys
 from typing import Callable
 
 from lightreasoner_ray.config import Config, load_config
-from lightreasoner_ray.ui.console import echo
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.ui.console import echo
 
 logger = logging.getLogger("lightreasoner_ray")
 

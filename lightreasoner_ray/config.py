@@ -29,6 +29,9 @@ SAMPLING_SYSTEM_PROMPT = "Please reason step by step."
 BENCHMARKS = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem", "toy")
 # The seven columns of the LightReasoner paper's results table, in its order.
 PAPER_BENCHMARKS = ("gsm8k", "math", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
+# The default eval.benchmarks: the paper's seven with MATH-500 for MATH, since the 500-problem
+# subset is what a machine usually has on disk (the reference presets ask for the full "math").
+DEFAULT_EVAL_BENCHMARKS = tuple("math500" if name == "math" else name for name in PAPER_BENCHMARKS)
 # The packages each tracking backend imports (the first names the extra to install).
 TRACKING_PACKAGES = {
     "mlflow": ("mlflow", "sqlalchemy", "alembic"),
@@ -254,9 +257,7 @@ class EvalConfig:
     # The model to evaluate; empty means the expert. `models` evaluates several.
     model: str = ""
     models: list[str] = field(default_factory=list)
-    benchmarks: list[str] = field(
-        default_factory=lambda: ["gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
-    )
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_BENCHMARKS))
     data_dir: str = ""
     limit: Optional[int] = None
     max_new_tokens: int = 2048
@@ -505,6 +506,17 @@ def join_path(base: str, *parts: str) -> str:
     if "://" in base:
         return "/".join([base.rstrip("/"), *parts])
     return str(Path(base, *parts))
+
+
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``{"p.a.b": 1}`` under ``prefix="p"``); lists stay
+    values, tuples become lists (as JSON gives them back)."""
+    if not isinstance(tree, dict):
+        return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten_tree(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:

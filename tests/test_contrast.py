@@ -110,6 +110,7 @@ def test_select_by_beta_refilters_with_the_same_rule():
 def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_refused(tiny_pair, tmp_path):
     from lightreasoner_ray.config import load_config
     from lightreasoner_ray.stages.sampling.stage import sampling_settings
+    from lightreasoner_ray.io.layout import RunLayout
     from lightreasoner_ray.io.record import check_sampling_settings
 
     from conftest import REPO_ROOT
@@ -123,10 +124,10 @@ def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_re
         config("sampling.selection=strict")
     paper = sampling_settings(config())
     assert paper["selection"] == "paper" and paper["vocab_size"] == 600  # the shared vocabulary, not a padded head
-    check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), paper)
+    check_sampling_settings(RunLayout(str(tmp_path)).sampling_settings, str(tmp_path / "samples"), paper)
     reference = sampling_settings(config("sampling.selection=reference"))
     # No samples yet: nothing to mix, so the new settings simply replace the record.
-    check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), reference)
+    check_sampling_settings(RunLayout(str(tmp_path)).sampling_settings, str(tmp_path / "samples"), reference)
     assert json.loads((tmp_path / "sampling_settings.json").read_text())["selection"] == "reference"
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -134,7 +135,7 @@ def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_re
     (tmp_path / "samples").mkdir()
     pq.write_table(pa.table({"problem_id": ["p"]}), tmp_path / "samples" / "part-0.parquet")
     with pytest.raises(LightReasonerError, match="selection: 'reference' -> 'paper'"):
-        check_sampling_settings(str(tmp_path), str(tmp_path / "samples"), paper)
+        check_sampling_settings(RunLayout(str(tmp_path)).sampling_settings, str(tmp_path / "samples"), paper)
 
 
 def naive_oracle(expert, amateur, prompt, completion, vocab, alpha, beta, selection="paper"):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightreasoner_ray import cli
-from lightreasoner_ray.runs.demo import demo_markdown
+from lightreasoner_ray.runs.demo_report import demo_markdown
 from lightreasoner_ray.toy import parse_solution
 
 pytestmark = pytest.mark.slow

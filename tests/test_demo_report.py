@@ -5,15 +5,9 @@ import json
 
 import pytest
 
-from lightreasoner_ray.runs.demo import (
-    SETTINGS_FILE,
-    check_demo_config,
-    claim_output_dir,
-    demo_config,
-    demo_markdown,
-    demo_report,
-    hasty_slips,
-)
+from lightreasoner_ray.io.layout import DEMO_SETTINGS as SETTINGS_FILE
+from lightreasoner_ray.runs.demo import check_demo_config, claim_output_dir, demo_config
+from lightreasoner_ray.runs.demo_report import demo_markdown, demo_report, hasty_slips
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.toy import generate_problems
 
@@ -132,7 +126,7 @@ class _Pair:
 
 
 def test_report_rows_for_rejection_sft_and_rounds_charge_their_own_sampling(tmp_path):
-    from lightreasoner_ray.runs.demo import title
+    from lightreasoner_ray.runs.demo_report import title
 
     config = demo_config([f"output_dir={tmp_path}", "demo.seeds=[0,1]", "demo.rounds=2"])
     accuracy = {"amateur": 0.2, "expert": 0.6, "lightreasoner-seed0": 0.62, "lightreasoner-seed1": 0.64,

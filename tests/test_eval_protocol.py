@@ -155,7 +155,8 @@ def test_prediction_rows_record_the_exact_prompt(tiny_pair):
     """The evaluator (run in-process here) hands its prompt text to grading, which records it."""
     from lightreasoner_ray.engines.base import EngineSpec
     from lightreasoner_ray.engines.hf import HFEngine
-    from lightreasoner_ray.stages.evaluation.stage import Evaluator, grade_rows
+    from lightreasoner_ray.core.scoring import grade_rows
+    from lightreasoner_ray.stages.evaluation.pool import Evaluator
 
     rows = [row_with_id("mmlu_stem", "2516"), row_with_id("asdiv", "75")]
     spec = EngineSpec(model_path=str(tiny_pair["expert"]), max_new_tokens=4, batch_size=2)

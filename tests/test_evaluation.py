@@ -11,13 +11,9 @@ from conftest import DATA_DIR
 from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.stages.evaluation.stage import (
-    PREDICTION_FIELDS,
-    EvalModel,
-    check_generation_settings,
-    parse_model_entry,
-    run_evaluation,
-)
+from lightreasoner_ray.core.scoring import PREDICTION_FIELDS
+from lightreasoner_ray.stages.evaluation.stage import EvalModel, parse_model_entry, run_evaluation
+from lightreasoner_ray.stages.evaluation.store import check_generation_settings
 from lightreasoner_ray.core.grading import extract_answer, is_equivalent
 
 PAPER_SET = ["gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem"]
@@ -271,6 +267,14 @@ def test_outputs_made_with_other_settings_are_not_mixed(tmp_path):
     check_generation_settings(str(tmp_path), dict(settings))
     with pytest.raises(LightReasonerError, match=r"max_new_tokens differ.*--restart"):
         check_generation_settings(str(tmp_path), {**settings, "max_new_tokens": 32})
+
+
+def test_going_back_to_greedy_decoding_after_sampling_is_refused(tmp_path):
+    """Greedy decoding records no sampling keys, so their absence is a change from a sampled run."""
+    greedy = {"model_path": "/m", "model_fingerprint": "f", "engine": "hf", "max_new_tokens": 16}
+    check_generation_settings(str(tmp_path), {**greedy, "temperature": 1.0, "top_p": 0.95, "n": 4, "seed": 0})
+    with pytest.raises(LightReasonerError, match=r"\(n, seed, temperature, top_p differ: .* then, \{'n': None"):
+        check_generation_settings(str(tmp_path), greedy)
 
 
 # ---- the engine ------------------------------------------------------------------------

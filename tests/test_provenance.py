@@ -19,15 +19,17 @@ from conftest import DATA_DIR
 from lightreasoner_ray import cli
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io.fingerprints import (
+    safetensors_header,
+    samples_fingerprint,
+    weights_fingerprint,
+)
 from lightreasoner_ray.io.record import (
     PROVENANCE_FILE,
     RESUMABLE_TRAIN_KEYS,
     TrainingProvenance,
     remove_path,
-    safetensors_header,
-    samples_fingerprint,
     shaping_train_settings,
-    weights_fingerprint,
 )
 
 
@@ -164,7 +166,7 @@ def test_remove_path_removes_files_and_trees_and_reports_what_was_there(tmp_path
 
 
 def test_a_resumed_scheduler_follows_the_configs_lr_not_the_checkpoints():
-    from lightreasoner_ray.stages.training.driver import apply_optimizer_settings
+    from lightreasoner_ray.stages.training.checkpoints import apply_optimizer_settings
     from lightreasoner_ray.core.schedule import lr_multiplier
 
     def make(lr: float, max_steps: int, schedule: str, weight_decay: float):
@@ -203,7 +205,8 @@ def test_a_resumed_scheduler_follows_the_configs_lr_not_the_checkpoints():
 
 
 def test_predictions_of_other_weights_are_discarded_and_other_settings_refused(tmp_path):
-    from lightreasoner_ray.stages.evaluation.stage import PredictionStore, Shard, check_generation_settings
+    from lightreasoner_ray.stages.evaluation.pool import Shard
+    from lightreasoner_ray.stages.evaluation.store import PredictionStore, check_generation_settings
 
     model_dir = str(tmp_path / "eval" / "lightreasoner")
     settings = {"model_path": "/o/model", "model_fingerprint": "f1", "engine": "hf", "max_new_tokens": 16}
@@ -325,17 +328,17 @@ def test_stale_checkpoints_models_and_predictions_are_continued_recomputed_or_re
 def test_a_lowered_lr_takes_effect_when_a_run_resumes_after_a_nonfinite_loss(
     tiny_pair, problems_file, ray_local, tmp_path, capsys, monkeypatch
 ):
-    from lightreasoner_ray.stages.training.driver import FAULT_ENV
+    import fault_hooks
 
     out = tmp_path / "run"
     args = lambda *more: _args(tiny_pair, problems_file, out, "train.max_steps=4", *more)  # noqa: E731
     assert _lightreasoner(capsys, "sample", *args())[0] == 0
-    monkeypatch.setenv(FAULT_ENV, "nan:3")
+    fault_hooks.inject(monkeypatch, "nan:3")
     code, error = _lightreasoner(capsys, "train", *args("train.lr=0.01"))
     assert code == 2 and "non-finite at update 3" in error and "lower train.lr" in error
     assert [(row["step"], row.get("lr")) for row in _metrics(out)] == [(1, 0.01), (2, 0.01), (3, None)]
 
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.delenv(fault_hooks.FAULT_ENV)
     assert _lightreasoner(capsys, "train", *args("train.lr=0.001"))[0] == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
+import fault_hooks
 from lightreasoner_ray.data.sample_sets import tuned_tokens
 from lightreasoner_ray.config import DataConfig, load_config
 from lightreasoner_ray.errors import LightReasonerError
@@ -227,9 +228,10 @@ def toy_run_inputs(tmp_path_factory) -> dict[str, Path]:
 
 def _cli(command: str, overrides: list[str], ray_address: str, kill_after_files: int | None = None) -> int:
     env = dict(os.environ, RAY_ADDRESS=ray_address, LIGHTREASONER_NO_DASHBOARD="1")
-    env.pop("LIGHTREASONER_TEST_KILL_AFTER_FILES", None)
+    env.pop("LIGHTREASONER_TEST_HOOKS", None)
+    env.pop(fault_hooks.KILL_AFTER_FILES_ENV, None)
     if kill_after_files is not None:
-        env["LIGHTREASONER_TEST_KILL_AFTER_FILES"] = str(kill_after_files)
+        env.update(fault_hooks.kill_after_files(kill_after_files))
     process = subprocess.Popen([sys.executable, "-m", "lightreasoner_ray.cli", command, "--config", str(TINY), *overrides],
                                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -19,6 +19,7 @@ from lightreasoner_ray.data.problems import load_problems
 from lightreasoner_ray.runs.rounds import check_rounds_config, round_config
 
 from conftest import DATA_DIR, REPO_ROOT, gsm8k_rows
+import fault_hooks
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 
@@ -58,9 +59,10 @@ def _cli(overrides: list[str], ray_address: str, kill_after_files: int | None = 
     # Each run attaches to the session's Ray instance, as a job on a cluster does: three fresh local
     # instances cost minutes, and time out starting on a crowded machine.
     env = dict(os.environ, RAY_ADDRESS=ray_address, LIGHTREASONER_NO_DASHBOARD="1")
-    env.pop("LIGHTREASONER_TEST_KILL_AFTER_FILES", None)
+    env.pop("LIGHTREASONER_TEST_HOOKS", None)
+    env.pop(fault_hooks.KILL_AFTER_FILES_ENV, None)
     if kill_after_files is not None:
-        env["LIGHTREASONER_TEST_KILL_AFTER_FILES"] = str(kill_after_files)
+        env.update(fault_hooks.kill_after_files(kill_after_files))
     process = subprocess.Popen([sys.executable, "-m", "lightreasoner_ray.cli", "run", "--config", str(TINY), *overrides],
                                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import DATA_DIR
 from lightreasoner_ray.config import load_config
-from lightreasoner_ray.stages.evaluation.stage import grade_rows, run_evaluation, score
+from lightreasoner_ray.core.scoring import grade_rows, score
+from lightreasoner_ray.stages.evaluation.stage import run_evaluation
 
 
 def test_majority_vote_counts_equivalent_answers_together_and_scores_follow_the_rows():

@@ -17,9 +17,7 @@ from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.stages.inspect import run_inspect
 
-from conftest import REPO_ROOT
-
-pytestmark = pytest.mark.slow
+from conftest import FINISHED_RUN_PROBLEMS, REPO_ROOT
 
 
 def config_for(tiny_pair, problems_file, output_dir, *overrides):
@@ -31,13 +29,9 @@ def config_for(tiny_pair, problems_file, output_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def sampled(tiny_pair, problems_file, tmp_path_factory, ray_local):
-    from lightreasoner_ray.stages.sampling.stage import run_sampling
-
-    output_dir = tmp_path_factory.mktemp("inspect")
-    config = config_for(tiny_pair, problems_file, output_dir)
-    run_sampling(config)
-    return config
+def sampled(finished_run):
+    """The config of the session's finished run (conftest): its samples are what the page shows."""
+    return finished_run["config"]
 
 
 def page_data(html: str) -> dict:
@@ -46,6 +40,7 @@ def page_data(html: str) -> dict:
     return json.loads(match.group(1).replace("<\\/", "</"))
 
 
+@pytest.mark.slow
 def test_page_shows_the_samples_and_the_models_top_tokens(sampled, tiny_pair):
     result = run_inspect(sampled)
     html = storage.read_text(result["path"])
@@ -59,7 +54,7 @@ def test_page_shows_the_samples_and_the_models_top_tokens(sampled, tiny_pair):
     assert data["stats"]["selection_ratio"] == pytest.approx(selected / tokens)
     assert f"selection ratio <b>{selected / tokens:.3f}</b>" in html
     assert sum(data["histogram"]["counts"]) == tokens
-    assert len(data["trajectories"]) == len(rows) == 4
+    assert len(data["trajectories"]) == len(rows) == FINISHED_RUN_PROBLEMS
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +91,7 @@ def test_no_samples_is_a_clear_error(tiny_pair, problems_file, tmp_path):
         run_inspect(config_for(tiny_pair, problems_file, tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_inspect_console_is_short(sampled, tiny_pair, problems_file):
     # Models, alpha and beta come from the samples' own samples_summary.json (the default beta is 0.4).
     args = [f"output_dir={sampled.output_dir}"]

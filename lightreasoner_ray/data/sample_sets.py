@@ -19,6 +19,8 @@ import random
 from typing import Any, Sequence
 
 from lightreasoner_ray.core.contrast import is_selected
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.record import remove_path
 
 
 def _keep(row: dict[str, Any], keep: set[int]) -> dict[str, Any]:
@@ -75,8 +77,6 @@ def write_sample_set(rows: Sequence[dict[str, Any]], directory: str) -> None:
     atomically; files of an earlier set there are removed first)."""
     import pyarrow as pa
 
-    from lightreasoner_ray.io import storage
-    from lightreasoner_ray.io.record import remove_path
     from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
 
     storage.make_dirs(directory)

@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightreasoner_ray.io import storage
 from lightreasoner_ray.config import SAMPLING_SYSTEM_PROMPT, join_path
 from lightreasoner_ray.core.update_plan import Trajectory, trajectory_from_row
+from lightreasoner_ray.data.prompts import chat_messages
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,6 @@ def reference_rows(
     "Please reason step by step.") and the decoded prefix is appended to the text,
     which is tokenized as a whole; the label sits at the last position.
     """
-    from lightreasoner_ray.data.prompts import chat_messages
-
     items: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(lines, start=1):
         if line.strip():

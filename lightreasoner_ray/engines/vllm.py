@@ -17,12 +17,11 @@ actor or a function, never at import time of a ``__main__`` module.
 
 from __future__ import annotations
 
-import importlib.util
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,8 +29,9 @@ from typing import Any
 from lightreasoner_ray.config import ModelConfig, VLLMConfig
 from lightreasoner_ray.engines.base import Completion, EngineSpec
 from lightreasoner_ray.engines.hf import load_inference_model
-from lightreasoner_ray.io.model_dirs import adapter_base_path
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.model_dirs import adapter_base_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +83,12 @@ def merged_model_dir(spec: EngineSpec) -> str:
         logger.info("adapter %s: merged model cached at %s", spec.model_path, target)
         return str(target)
     tokenizer, model = load_inference_model(spec)  # merged, in the dtype the HF engine would use
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    staging = storage.staging_path(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(staging, target)
+            storage.replace_directory(staging, target, keep_existing=True)
         except OSError:  # another actor merged the same adapter first
             if not (target / "config.json").is_file():
                 raise

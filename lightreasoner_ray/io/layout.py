@@ -15,12 +15,18 @@ by an earlier version must still resume, so a name here changes only with a migr
       train_metrics.jsonl      training: one line per logged update
       eval/<tag>/              evaluation: predictions, shards and generation.json per model
       eval/results.{json,md,png}
+      compare/<before>_vs_<after>.{md,json}   compare: two evaluated models side by side
+      samples_report.html      inspect: the samples page
       report.{json,md}         run: the pipeline's report
       rejection_sft/           the rejection-sampled SFT baseline (its own samples/, checkpoints/, model/)
       round-<n>/               rounds > 1: round n's own layout
       rounds.{json,md}         rounds: one row per round
       merged/                  export: the adapter merged into a standalone model
-      demo_settings.json, demo_results.{json,md,png}   the demo
+      demo_settings.json, demo_results.{json,md,png}   the demo, with (demo only):
+        data/toy_train.jsonl, data/toy_train_round<r>.jsonl, data/toy/test.jsonl   its problems
+        all_steps/             the expert's samples with a soft label at every position (beta = 0)
+        <variant>-seed<s>/     one trained variant (its samples/, checkpoints/, model/; merged/ for rounds)
+        lightreasoner-seed<s>-round<r>/        round r's samples; its training in train/
       logs/                    the console's log files
 """
 
@@ -52,8 +58,15 @@ REJECTION_SUMMARY = "rejection_summary.json"
 ROUNDS_JSON, ROUNDS_MD = "rounds.json", "rounds.md"
 MERGED = "merged"
 DEMO_RESULTS = "demo_results"
+DEMO_DATA = "data"
+DEMO_ALL_STEPS = "all_steps"
+DEMO_ROUND_TRAINING = "train"
 LOGS = "logs"
 IMPORTED_SAMPLES = "imported_samples"
+RESULTS = "results"  # results.json, results.md, results.png
+SHARD = "shard-{index:05d}.jsonl"
+COMPARE = "compare"
+SAMPLES_REPORT = "samples_report.html"
 
 
 @dataclass(frozen=True)
@@ -119,10 +132,12 @@ class RunLayout:
     def eval_model(self, tag: str) -> str:
         return self.path(EVAL, tag)
 
+    def eval_model_layout(self, tag: str) -> "EvalModelLayout":
+        return EvalModelLayout(self.eval_model(tag))
+
     @property
     def results(self) -> dict[str, str]:
-        return {"json": self.path(EVAL, "results.json"), "markdown": self.path(EVAL, "results.md"),
-                "chart": self.path(EVAL, "results.png")}
+        return results_files(self.eval)
 
     # ---- the pipeline's report, rounds, export
     @property
@@ -173,5 +188,69 @@ class RunLayout:
                 "chart": self.path(f"{DEMO_RESULTS}.png")}
 
     @property
+    def demo_data(self) -> str:
+        """The demo's problem files; also its ``eval.data_dir`` (the toy benchmark reads ``toy/test.jsonl``)."""
+        return self.path(DEMO_DATA)
+
+    def demo_problems(self, round_number: int = 1) -> str:
+        """The training problems of LightReasoner round ``round_number`` (round 1's for every other variant too)."""
+        name = "toy_train.jsonl" if round_number == 1 else f"toy_train_round{round_number}.jsonl"
+        return self.path(DEMO_DATA, name)
+
+    @property
+    def demo_held_out(self) -> str:
+        return self.path(DEMO_DATA, "toy", "test.jsonl")
+
+    @property
+    def demo_all_steps(self) -> "RunLayout":
+        return RunLayout(self.path(DEMO_ALL_STEPS))
+
+    def demo_variant(self, name: str, seed: int) -> "RunLayout":
+        return RunLayout(self.path(f"{name}-seed{seed}"))
+
+    def demo_round(self, seed: int, round_number: int) -> "RunLayout":
+        """Where LightReasoner round ``round_number`` (> 1) of ``seed`` samples."""
+        return RunLayout(self.path(f"lightreasoner-seed{seed}-round{round_number}"))
+
+    def demo_round_training(self, seed: int, round_number: int) -> "RunLayout":
+        return RunLayout(self.demo_round(seed, round_number).path(DEMO_ROUND_TRAINING))
+
+    @property
     def logs(self) -> str:
         return self.path(LOGS)
+
+    # ---- compare, inspect
+    def comparison(self, before: str, after: str) -> dict[str, str]:
+        stem = f"{before}_vs_{after}"
+        return {"markdown": self.path(COMPARE, f"{stem}.md"), "json": self.path(COMPARE, f"{stem}.json")}
+
+    @property
+    def samples_report(self) -> str:
+        return self.path(SAMPLES_REPORT)
+
+
+def results_files(directory: str) -> dict[str, str]:
+    """The evaluation's results files in ``directory`` (``<output_dir>/eval`` in a run)."""
+    return {"json": join_path(directory, f"{RESULTS}.json"), "markdown": join_path(directory, f"{RESULTS}.md"),
+            "chart": join_path(directory, f"{RESULTS}.png")}
+
+
+@dataclass(frozen=True)
+class EvalModelLayout:
+    """One evaluated model's directory (``eval/<tag>/``): its generation record, the shards of
+    each benchmark (``<benchmark>/shard-00003.jsonl``) and their concatenation (``<benchmark>.jsonl``)."""
+
+    directory: str
+
+    @property
+    def generation_settings(self) -> str:
+        return join_path(self.directory, GENERATION_SETTINGS)
+
+    def shards(self, benchmark: str) -> str:
+        return join_path(self.directory, benchmark)
+
+    def shard(self, benchmark: str, index: int) -> str:
+        return join_path(self.directory, benchmark, SHARD.format(index=index))
+
+    def predictions(self, benchmark: str) -> str:
+        return join_path(self.directory, f"{benchmark}.jsonl")

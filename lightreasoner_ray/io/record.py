@@ -1,4 +1,4 @@
-"""What made an artefact: fingerprints of weights, samples and settings, and the refusals built on them.
+"""What made an artefact (its stage record: settings and input fingerprints) and the refusals built on it.
 
 Every stage resumes from what ``output_dir`` holds, so every artefact records what
 made it and a re-run with other inputs is refused (or, asked with ``--restart``,
@@ -11,53 +11,43 @@ started over) instead of mixing old and new work:
   ``train.*`` settings that shape the result);
 - the published model: ``<output_dir>/model/provenance.json`` (the same record and
   the update it holds), written inside the directory before it is published;
-- predictions: the evaluated model's :func:`weights_fingerprint` in every prediction
-  row and in ``generation.json``.
+- predictions: the evaluated model's weights fingerprint in every prediction row and in
+  ``generation.json``;
+- rejection sampling: ``rejection_sft/rejection_settings.json`` (as samples), and the problem
+  set's fingerprint in ``rejection_summary.json`` (a finished stage over it is reused whole);
+- rounds: ``round_done.json`` (a round that finished with these settings is skipped whole);
+- the demo: ``demo_settings.json`` (its whole output_dir: other settings are refused).
 
-Fingerprinting weights has to be cheap enough to run on every evaluation of a
-15 GB model, so :func:`weights_fingerprint` reads every file's name and size, hashes
-the whole content of small files (configs, tokenizers, LoRA adapters,
-``provenance.json``), and of large files only the safetensors header (tensor names,
-shapes, dtypes and offsets) and the modification time. A re-written checkpoint gets
-a new mtime, and a trained model directory carries its ``provenance.json``, so
-either changes the fingerprint; what it cannot see is a large file overwritten in
-place with the same layout and a forged mtime. A PEFT adapter's fingerprint covers
-its base model's too. A model that is not a local directory (a hub id) is
-identified by its name.
+Sampling, rejection sampling, evaluation, rounds and the demo keep theirs as a
+:class:`StageRecord`; every path is named by :class:`~lightreasoner_ray.io.layout.RunLayout`,
+and the fingerprints are made by :mod:`lightreasoner_ray.io.fingerprints`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
-from lightreasoner_ray.config import join_path
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.layout import SAMPLING_SETTINGS
+from lightreasoner_ray.config import flatten_tree
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.io.model_dirs import adapter_base_path
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import PROVENANCE
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "provenance.json"
-# Files up to this size are hashed whole; larger ones by their layout and mtime.
-FULL_HASH_MAX_BYTES = 64 << 20
-_READ_CHUNK = 1 << 20
-_SAFETENSORS_MAX_HEADER = 100 << 20
+PROVENANCE_FILE = PROVENANCE
 
 # train.* keys that may differ between the runs of one output_dir, and why:
 # - the step budget and bookkeeping: raising max_steps continues the same run;
 # - where the samples are (their content is fingerprinted instead) and resources that do
 #   not change the numbers (cpus_per_worker; gradient_checkpointing recomputes the same
 #   activations);
-# - optimizer settings, which the config sets anew on resume (training._restore), so a
+# - optimizer settings, which the config sets anew on resume (training.checkpoints.restore_checkpoint), so a
 #   lowered lr takes effect from the next update; the metrics log records the lr used.
 # Everything else (data order: seed, micro_batch_steps, grad_accum, num_workers,
 # steps_per_update; the model: lora.*, deepspeed.*, the device via gpus_per_worker) shapes
@@ -70,89 +60,12 @@ RESUMABLE_TRAIN_KEYS = frozenset({
 })
 
 
-# ---- fingerprints -------------------------------------------------------------------
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets)."""
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return b""
-        length = int.from_bytes(prefix, "little")
-        if length > _SAFETENSORS_MAX_HEADER:
-            return b""
-        return handle.read(length)
-
-
-def _model_files(directory: Path) -> list[Path]:
-    """Every file under ``directory`` except hidden ones (caches, temporaries)."""
-    files = []
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root, name) for name in sorted(names) if not name.startswith("."))
-    return files
-
-
-def weights_fingerprint(path: str, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES, _seen: frozenset = frozenset()) -> str:
-    """A short hash identifying the weights (and adapter) at ``path``; see the module docstring."""
-    local = Path(path).expanduser()
-    if storage.is_uri(path) or not local.exists():
-        return "name-" + hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
-    digest = hashlib.sha256(b"weights-v1\0")
-    files = [local] if local.is_file() else _model_files(local)
-    for file in files:
-        stat = file.stat()
-        relative = file.name if file == local else file.relative_to(local).as_posix()
-        digest.update(f"{relative}\0{stat.st_size}\0".encode("utf-8"))
-        if stat.st_size <= full_hash_max_bytes:
-            digest.update(_file_digest(file).encode("ascii"))
-        else:
-            if file.suffix == ".safetensors":
-                digest.update(safetensors_header(file))
-            digest.update(str(stat.st_mtime_ns).encode("ascii"))
-    if local.is_dir():
-        base = adapter_base_path(str(local))
-        resolved = str(local.resolve())
-        if base and resolved not in _seen:
-            digest.update(b"base\0" + weights_fingerprint(base, full_hash_max_bytes, _seen | {resolved}).encode())
-    return digest.hexdigest()[:16]
-
-
-def samples_fingerprint(files: Iterable[str]) -> str:
-    """A hash of the samples' content: the sorted digests of their files (their names are random)."""
-    digests = sorted(hashlib.sha256(storage.read_bytes(path)).hexdigest() for path in files)
-    return hashlib.sha256("\n".join(digests).encode("ascii")).hexdigest()[:16]
-
-
-def settings_fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
-
-
-def flatten(tree: Any, prefix: str) -> dict[str, Any]:
-    """``{"lora": {"r": 8}}`` under ``"train"`` -> ``{"train.lora.r": 8}``."""
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(flatten(value, f"{prefix}.{key}"))
-        return flat
-    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
-
-
 def shaping_train_settings(config: Any) -> dict[str, Any]:
     """The ``train.*`` settings (and ``expert.dtype``) a checkpoint's content depends on."""
     import dataclasses
 
     settings = {
-        key: value for key, value in flatten(dataclasses.asdict(config.train), "train").items()
+        key: value for key, value in flatten_tree(dataclasses.asdict(config.train), "train").items()
         if key.split(".", 1)[1] not in RESUMABLE_TRAIN_KEYS
     }
     settings["expert.dtype"] = config.expert.dtype
@@ -278,12 +191,22 @@ class StageRecord:
     nothing could be mixed; with outputs and the same inputs the stage resumes; with
     outputs and other inputs :meth:`claim` raises the stage's refusal, which names what
     changed and the two ways out (a new output_dir, or ``--restart``).
+
+    Keys in ``identity`` name the input itself (the evaluated model's weights): when one
+    changes, the outputs are of another input, neither resumed nor refused; :meth:`claim`
+    hands them to its ``replaced`` callback (which discards them) and records the new
+    inputs. With ``compare_dropped``, a key only the record holds is compared too (for
+    settings that leave a key out at its default value).
     """
 
     path: str
     settings: dict[str, Any]
     informational: frozenset[str] = frozenset()
     resumable: frozenset[str] = frozenset()
+    identity: frozenset[str] = frozenset()
+    compare_dropped: bool = False
+    # How a refusal names one change (the demo lists the changed keys alone).
+    describe: Callable[[str, Any, Any], str] = describe_change
 
     def read(self) -> Optional[dict[str, Any]]:
         return read_record(self.path)
@@ -292,21 +215,30 @@ class StageRecord:
         storage.write_json_atomic(self.path, self.settings)
 
     def compared_keys(self, recorded: dict[str, Any]) -> list[str]:
-        """The keys that decide the result now (a key the stage no longer records decides nothing)."""
-        return [key for key in self.settings if key not in self.informational | self.resumable]
+        """The keys that decide the result now (a key the stage no longer records decides nothing,
+        unless ``compare_dropped``)."""
+        keys = list(self.settings)
+        if self.compare_dropped:
+            keys += [key for key in recorded if key not in self.settings]
+        return [key for key in keys if key not in self.informational | self.resumable | self.identity]
 
-    def changes(self, recorded: dict[str, Any], missing: Any = None) -> list[str]:
-        """What differs from ``recorded`` (``describe_change`` phrases; empty when nothing does)."""
-        return [describe_change(key, recorded.get(key, missing), self.settings.get(key, missing))
-                for key in self.compared_keys(recorded)
+    def changed_keys(self, recorded: dict[str, Any], missing: Any = None) -> list[str]:
+        return [key for key in self.compared_keys(recorded)
                 if recorded.get(key, missing) != self.settings.get(key, missing)]
 
+    def changes(self, recorded: dict[str, Any], missing: Any = None) -> list[str]:
+        """What differs from ``recorded`` (``describe`` phrases; empty when nothing does)."""
+        return [self.describe(key, recorded.get(key, missing), self.settings.get(key, missing))
+                for key in self.changed_keys(recorded, missing)]
+
     def claim(self, has_outputs: bool, refuse: Callable[[list[str]], Exception], *,
-              unrecorded: Optional[Callable[[], None]] = None) -> Optional[dict[str, Any]]:
+              unrecorded: Optional[Callable[[], None]] = None,
+              replaced: Optional[Callable[[dict[str, Any]], None]] = None) -> Optional[dict[str, Any]]:
         """Record these inputs, or refuse to resume outputs made from others; returns the earlier record.
 
         ``unrecorded`` handles outputs without a record (an older version's run): by default the
-        record is written and the stage resumes unchecked, with a warning.
+        record is written and the stage resumes unchecked, with a warning. ``replaced`` (needed
+        with ``identity`` keys) gets the earlier record when an identity key changed.
         """
         recorded = self.read()
         if has_outputs and recorded is None:
@@ -318,6 +250,12 @@ class StageRecord:
             changes = self.changes(recorded)
             if changes:
                 raise refuse(changes)
+            if any(recorded.get(key) != self.settings.get(key) for key in self.identity):
+                if replaced is None:
+                    raise ValueError(f"{self.path}: a record with identity keys needs a replaced callback")
+                replaced(recorded)
+                self.write()
+                return recorded
             if self.resumable and any(recorded.get(key) != self.settings.get(key) for key in self.resumable):
                 self.write()
             return recorded
@@ -325,18 +263,18 @@ class StageRecord:
         return recorded
 
 
-def check_sampling_settings(output_dir: str, samples_dir: str, settings: dict[str, Any],
-                            settings_file: str = SAMPLING_SETTINGS,
+def check_sampling_settings(record_path: str, samples_dir: str, settings: dict[str, Any],
                             way_out: str = "re-run with `lightreasoner sample --restart` to discard them and start over",
                             informational: tuple[str, ...] = ("expert", "amateur")) -> None:
     """Record the settings of a new (or still empty) samples directory; refuse to resume one
     holding rows made with others, saying ``way_out``. Keys in ``informational`` (the models'
     paths: their weights' fingerprints identify them) are recorded but never compared.
 
-    The record (``settings_file`` in ``output_dir``) sits beside ``samples/``, which
-    stays a pure Parquet dataset.
+    The record (``record_path``, the run layout's ``sampling_settings`` or ``rejection_settings``)
+    sits beside ``samples/``, which stays a pure Parquet dataset.
     """
-    record = StageRecord(join_path(output_dir, settings_file), settings, informational=frozenset(informational))
+    record = StageRecord(record_path, settings, informational=frozenset(informational))
+    settings_file = record_path.rstrip("/").rsplit("/", 1)[-1]
 
     def refuse(changes: list[str]) -> LightReasonerError:
         return LightReasonerError(

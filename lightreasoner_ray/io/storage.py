@@ -1,20 +1,24 @@
 """Writing outputs to a local/shared directory or a cloud URI, atomically.
 
 Local paths: write to a hidden temporary name, then rename (POSIX rename is atomic,
-so readers never see half a file). URIs (``s3://``, ``gs://``): pyarrow filesystems,
-whose object uploads only become visible once complete.
+so readers never see half a file); a directory is built under a hidden staging name and
+moved into place the same way (:func:`replace_directory`). URIs (``s3://``, ``gs://``):
+pyarrow filesystems, whose object uploads only become visible once complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lightreasoner_ray.config import join_path
 
 
 def is_uri(path: str) -> bool:
@@ -121,3 +125,49 @@ def remove_stale_temporaries(directory: str) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def staging_path(target: Union[str, Path]) -> Path:
+    """A hidden sibling of ``target`` to build it under: ``.<name>.<hex>.tmp``."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+
+def replace_directory(staging: Union[str, Path], target: Union[str, Path], keep_existing: bool = False) -> None:
+    """Move the finished local directory ``staging`` to ``target``: readers see the old directory or the new one.
+
+    An existing ``target`` is renamed aside to a hidden ``.<name>.<hex>.old`` sibling, the
+    staging directory renamed into its place, and the old one deleted. With ``keep_existing``
+    (a cache keyed by content, where whatever is already there holds the same thing) an
+    existing non-empty ``target`` is left alone and the rename's OSError propagates.
+    """
+    staging, target = Path(staging), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if keep_existing or not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def publish_directory(source: str, destination: str, extra_files: Optional[dict[str, bytes]] = None) -> None:
+    """Copy a local directory to ``destination`` (local or URI), replacing it whole, with ``extra_files`` added."""
+    extra_files = extra_files or {}
+    if is_uri(destination):
+        from pyarrow import fs
+
+        filesystem, inner = _filesystem(destination)
+        filesystem.create_dir(inner, recursive=True)
+        fs.copy_files(source, inner, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+        for name, data in extra_files.items():
+            write_bytes_atomic(join_path(destination, name), data)
+        return
+    target = Path(destination)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(target)
+    shutil.copytree(source, staging)
+    for name, data in extra_files.items():
+        Path(staging, name).write_bytes(data)
+    replace_directory(staging, target)

@@ -19,41 +19,35 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.config import Config, apply_override, build_config, flatten_tree, parse_override
 from lightreasoner_ray.data.sample_sets import random_steps, select_by_beta, sft_rows, tuned_tokens, write_sample_set
-from lightreasoner_ray.config import Config, apply_override, build_config, join_path, parse_override
-from lightreasoner_ray.ui.console import echo
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.fingerprints import weights_fingerprint
+from lightreasoner_ray.io.layout import DEMO_SETTINGS, LOGS, RunLayout
+from lightreasoner_ray.io.record import StageRecord
+from lightreasoner_ray.runs.demo_report import demo_markdown, demo_report, hasty_slips, write_demo_report
+from lightreasoner_ray.runs.rounds import next_expert, round_config
+from lightreasoner_ray.stages.evaluation.stage import run_evaluation
+from lightreasoner_ray.stages.ray_helpers import init_ray
+from lightreasoner_ray.toy import generate_problems
 from lightreasoner_ray.toy.pair import SYSTEM_PROMPT as TOY_SYSTEM_PROMPT
+from lightreasoner_ray.ui.console import echo
 from lightreasoner_ray.ui.tracking import tracked_stage
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
-TITLES = {
-    "amateur": "amateur",
-    "expert": "expert",
-    "lightreasoner": "expert + LightReasoner",
-    "rejection_sft": "expert + SFT (rejection-sampled)",
-    "sft": "expert + SFT (gold solutions)",
-    "random_steps": "expert + random-step ablation",
-}
-
-
-def title(name: str) -> str:
-    if name.startswith("lightreasoner_round"):
-        return f"expert + LightReasoner, round {name.removeprefix('lightreasoner_round')}"
-    return TITLES[name]
+# What the command itself writes into output_dir before the demo starts (console logs, tracking stores).
+RUN_RECORDS = {LOGS, "mlflow.db", "mlruns", "tensorboard", "wandb"}
 
 
 def cache_dir() -> Path:
@@ -101,8 +95,8 @@ def quick_pair_spec():
     )
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    storage.write_bytes_atomic(str(path), "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    storage.write_bytes_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
 
 
 def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
@@ -112,6 +106,12 @@ def _timed(label: str, timings: dict[str, float], function, *args, **kwargs):
     return result
 
 
+def _sorted_samples(config: Config) -> list[dict[str, Any]]:
+    rows = storage.read_parquet(RunLayout(config.output_dir).samples).to_pylist()
+    rows.sort(key=lambda row: row["problem_id"])
+    return rows
+
+
 def demo_outputs(config: Config, result: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
     """What tracking logs of a finished demo: its results files."""
     return {}, list(RunLayout(config.output_dir).demo_results.values())
@@ -119,16 +119,13 @@ def demo_outputs(config: Config, result: dict[str, Any]) -> tuple[dict[str, floa
 
 @tracked_stage("demo", outputs=demo_outputs)
 def run_demo(config: Config) -> dict[str, Any]:
-    from lightreasoner_ray.stages.evaluation.stage import run_evaluation
     from lightreasoner_ray.engines.models import load_tokenizer
-    from lightreasoner_ray.stages.ray_helpers import init_ray
     from lightreasoner_ray.stages.sampling.stage import run_sampling
-    from lightreasoner_ray.toy import generate_problems
     from lightreasoner_ray.toy.pair import build_toy_pair
 
     check_demo_config(config)
     demo = config.demo
-    out = config.output_dir
+    layout = RunLayout(config.output_dir)
     timings: dict[str, float] = {}
     started = time.time()
     # Ray starts before any stage is timed, so its start-up is charged to no variant.
@@ -137,29 +134,27 @@ def run_demo(config: Config) -> dict[str, Any]:
     pair = _timed("build_pair", timings, build_toy_pair, cache_dir() / ("toy_pair_quick" if demo.quick else "toy_pair"),
                   spec=quick_pair_spec() if demo.quick else None)
     claim_output_dir(config, pair_fingerprint(pair))
-    data_dir = Path(out) / "data"
     # Round r trains on problems [(r - 1) n, r n) of one draw: every round's problems are fresh.
     train_draw = generate_problems(demo.train_problems * demo.rounds, seed=1000, split="train")
     train_rows = train_draw[: demo.train_problems]
     held_out_rows = held_out_problems(demo)
-    _write_jsonl(data_dir / "toy_train.jsonl", train_rows)
+    _write_jsonl(layout.demo_problems(1), train_rows)
     # The toy benchmark reads <data_dir>/toy/test.jsonl: it holds the split evaluated (demo.eval_split).
-    _write_jsonl(data_dir / "toy" / "test.jsonl", held_out_rows)
+    _write_jsonl(layout.demo_held_out, held_out_rows)
 
     base = dataclasses.replace(
         config,
         expert=dataclasses.replace(config.expert, path=str(pair.expert_path)),
         amateur=dataclasses.replace(config.amateur, path=str(pair.amateur_path)),
-        data=dataclasses.replace(config.data, problems=str(data_dir / "toy_train.jsonl")),
+        data=dataclasses.replace(config.data, problems=layout.demo_problems(1)),
     )
 
     # Sampling once with beta = 0: a soft label at every position with any divergence.
-    all_steps = dataclasses.replace(base, output_dir=join_path(out, "all_steps"),
+    all_steps = dataclasses.replace(base, output_dir=layout.demo_all_steps.output_dir,
                                     sampling=dataclasses.replace(base.sampling, beta=0.0))
     sampling_summary = _timed("sample", timings, run_sampling, all_steps)
     sampling_resumed = bool(sampling_summary.get("counts", {}).get("resumed_problems"))
-    sampled = storage.read_parquet(all_steps.samples_dir).to_pylist()
-    sampled.sort(key=lambda row: row["problem_id"])
+    sampled = _sorted_samples(all_steps)
 
     lightreasoner_rows = select_by_beta(sampled, config.sampling.beta)
     steps = tuned_tokens(lightreasoner_rows)
@@ -167,7 +162,7 @@ def run_demo(config: Config) -> dict[str, Any]:
         raise LightReasonerError(
             f"demo: no position of the {len(sampled)} sampled trajectories has KL > sampling.beta = "
             f"{config.sampling.beta}; lower sampling.beta (the KL quantiles are in "
-            f"{join_path(all_steps.output_dir, 'samples_summary.json')})"
+            f"{layout.demo_all_steps.samples_summary})"
         )
     tokenizer = load_tokenizer(base.expert, "expert")
     by_id = {row["id"]: row for row in train_rows}
@@ -196,28 +191,27 @@ def run_demo(config: Config) -> dict[str, Any]:
     variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("lightreasoner", *round_names,
                                                                            "rejection_sft", "sft", "random_steps")}
     for number in range(2, demo.rounds + 1):
-        _write_jsonl(data_dir / f"toy_train_round{number}.jsonl",
+        _write_jsonl(layout.demo_problems(number),
                      train_draw[(number - 1) * demo.train_problems : number * demo.train_problems])
     for seed in demo.seeds:
         for name, (rows, sampling_time, problems, solutions, resumed) in per_variant.items():
             if rows is None:
                 rows = random_steps(sampled, steps, seed=seed)
-            run = _train_variant(base, join_path(out, f"{name}-seed{seed}"), rows, seed, name)
+            run = _train_variant(base, layout.demo_variant(name, seed).output_dir, rows, seed, name)
             run.update(sampling_time_s=sampling_time, problems=problems, solutions_kept=solutions,
                        resumed=run["resumed"] or resumed)
             variant_runs[name].append(run)
         # Rounds: the previous round's model, merged, samples fresh problems against the same amateur.
-        expert_path, run_dir = str(pair.expert_path), join_path(out, f"lightreasoner-seed{seed}")
+        previous = _variant_config(base, layout.demo_variant("lightreasoner", seed).output_dir, seed)
         for number in range(2, demo.rounds + 1):
-            run = _lightreasoner_round(base, number, seed, expert_path, run_dir,
-                                       str(data_dir / f"toy_train_round{number}.jsonl"))
+            run = _lightreasoner_round(base, number, seed, previous)
             variant_runs[f"lightreasoner_round{number}"].append(run)
-            expert_path, run_dir = run["expert"], run["run_dir"]
+            previous = _variant_config(base, run["run_dir"], seed, run["expert"])
 
     models = [f"amateur={pair.amateur_path}", f"expert={pair.expert_path}"] + [
         f"{name}-seed{run['seed']}={run['model']}" for name, runs in variant_runs.items() for run in runs
     ]
-    evaluation = dataclasses.replace(base, eval=dataclasses.replace(base.eval, models=models, data_dir=str(data_dir),
+    evaluation = dataclasses.replace(base, eval=dataclasses.replace(base.eval, models=models, data_dir=layout.demo_data,
                                                                      limit=demo.test_problems))
     results = _timed("evaluate", timings, run_evaluation, evaluation)
     timings["total"] = time.time() - started
@@ -225,7 +219,7 @@ def run_demo(config: Config) -> dict[str, Any]:
     slips = hasty_slips(evaluation, held_out_rows)
     report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips,
                          rejection={key: value for key, value in rejection.items() if key != "rows"})
-    paths = write_demo_report(out, report)
+    paths = write_demo_report(config.output_dir, report)
     echo(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
     echo(demo_markdown(report))  # last: the table is what the console ends with
     return report
@@ -234,22 +228,25 @@ def run_demo(config: Config) -> dict[str, Any]:
 def held_out_problems(demo) -> list[dict[str, Any]]:
     """The toy problems the demo evaluates on: ``demo.eval_split`` (validation to choose, test to report).
     The test draw's seed is not the one the earlier demo's choices were looked at with (2000)."""
-    from lightreasoner_ray.toy import generate_problems
-
     seed = {"validation": 3000, "test": 4000}[demo.eval_split]
     return generate_problems(demo.test_problems, seed=seed, split=demo.eval_split)
+
+
+def _variant_config(base: Config, run_dir: str, seed: int, expert_path: str | None = None) -> Config:
+    """The config a variant trains with in ``run_dir``: its seed, its samples there, its expert."""
+    return dataclasses.replace(
+        base, output_dir=run_dir,
+        expert=dataclasses.replace(base.expert, path=expert_path or base.expert.path),
+        train=dataclasses.replace(base.train, seed=seed, samples=RunLayout(run_dir).samples),
+    )
 
 
 def _train_variant(base: Config, run_dir: str, rows: list[dict[str, Any]], seed: int, name: str,
                    expert_path: str | None = None) -> dict[str, Any]:
     from lightreasoner_ray.stages.training.driver import run_training
 
-    write_sample_set(rows, join_path(run_dir, "samples"))
-    variant = dataclasses.replace(
-        base, output_dir=run_dir,
-        expert=dataclasses.replace(base.expert, path=expert_path or base.expert.path),
-        train=dataclasses.replace(base.train, seed=seed, samples=join_path(run_dir, "samples")),
-    )
+    variant = _variant_config(base, run_dir, seed, expert_path)
+    write_sample_set(rows, variant.train.samples)
     logger.info("demo: training %s (seed %d) on %d tuned tokens", name, seed, tuned_tokens(rows))
     run_timing: dict[str, float] = {}
     summary = _timed("train", run_timing, run_training, variant)
@@ -259,32 +256,27 @@ def _train_variant(base: Config, run_dir: str, rows: list[dict[str, Any]], seed:
             "resumed": bool(summary.get("resumed_from_step"))}
 
 
-def _lightreasoner_round(base: Config, number: int, seed: int, expert_path: str, previous_dir: str,
-                         problems: str) -> dict[str, Any]:
-    """Round ``number`` of LightReasoner for one seed: merge the previous round's adapter into
-    its expert, sample ``problems`` with it (KL > sampling.beta) and train from them."""
-    from lightreasoner_ray.config import ExportConfig
-    from lightreasoner_ray.stages.export import run_export
+def _lightreasoner_round(base: Config, number: int, seed: int, previous: Config) -> dict[str, Any]:
+    """Round ``number`` of LightReasoner for one seed, by the rounds' own steps
+    (:func:`~lightreasoner_ray.runs.rounds.next_expert`, :func:`~lightreasoner_ray.runs.rounds.round_config`):
+    the model ``previous`` trained, merged, samples the round's fresh problems (KL > sampling.beta)
+    and is trained on them."""
     from lightreasoner_ray.stages.sampling.stage import run_sampling
 
+    layout = RunLayout(base.output_dir)
     started = time.time()
-    # Absolute: Ray Train workers do not share the driver's working directory.
-    merged = os.path.abspath(join_path(previous_dir, "merged"))
-    if not Path(merged, "config.json").is_file():  # written whole (staged, renamed)
-        run_export(dataclasses.replace(base, output_dir=previous_dir, export=ExportConfig(),
-                                       expert=dataclasses.replace(base.expert, path=expert_path)))
-    run_dir = join_path(base.output_dir, f"lightreasoner-seed{seed}-round{number}")
-    round_config = dataclasses.replace(base, output_dir=run_dir, expert=dataclasses.replace(base.expert, path=merged),
-                                       data=dataclasses.replace(base.data, problems=problems))
-    summary = run_sampling(round_config)
+    expert = next_expert(previous, reuse=True)
+    current = round_config(base, number, expert, output_dir=layout.demo_round(seed, number).output_dir,
+                           problems=layout.demo_problems(number))
+    summary = run_sampling(current)
     sampling_time = time.time() - started
-    rows = storage.read_parquet(round_config.samples_dir).to_pylist()
-    rows.sort(key=lambda row: row["problem_id"])
+    rows = _sorted_samples(current)
     if not tuned_tokens(rows):
         raise LightReasonerError(f"demo: round {number} (seed {seed}) selected no step with KL > sampling.beta = "
-                                 f"{base.sampling.beta} in {round_config.samples_dir}")
-    run = _train_variant(base, join_path(run_dir, "train"), rows, seed, f"lightreasoner round {number}", merged)
-    run.update(expert=merged, run_dir=join_path(run_dir, "train"), sampling_time_s=sampling_time, problems=len(rows),
+                                 f"{base.sampling.beta} in {RunLayout(current.output_dir).samples}")
+    training_dir = layout.demo_round_training(seed, number).output_dir
+    run = _train_variant(base, training_dir, rows, seed, f"lightreasoner round {number}", expert)
+    run.update(expert=expert, run_dir=training_dir, sampling_time_s=sampling_time, problems=len(rows),
                solutions_kept=None, resumed=run["resumed"] or bool(summary["counts"].get("resumed_problems")))
     return run
 
@@ -293,19 +285,14 @@ def rejection_sampled(base: Config) -> dict[str, Any]:
     """Rejection-sampling SFT data for the problems LightReasoner sampled (the same file, all of
     it), by the stage ``run`` uses (lightreasoner_ray.stages.rejection_sampling: Ray Data actors, the
     engine layer), into ``<output_dir>/rejection_sft``; a re-run reads them back."""
-    from lightreasoner_ray.stages.rejection_sampling import rejection_dir, run_rejection_sampling
+    from lightreasoner_ray.stages.rejection_sampling import run_rejection_sampling
 
     summary = run_rejection_sampling(base)
     counts = summary["counts"]
-    rows = storage.read_parquet(join_path(rejection_dir(base), "samples")).to_pylist() if counts["kept"] else []
+    rows = storage.read_parquet(RunLayout(base.output_dir).rejection_sft.samples).to_pylist() if counts["kept"] else []
     return {"samples_per_problem": base.rejection_sft.samples_per_problem, "temperature": base.rejection_sft.temperature,
             **{key: counts[key] for key in ("problems", "sampled", "correct", "kept", "problems_with_a_kept_solution")},
             "rows": rows, "resumed": bool(counts["resumed_problems"])}
-
-
-SETTINGS_FILE = "demo_settings.json"
-# What the command itself writes into output_dir before the demo starts (console logs, tracking stores).
-RUN_RECORDS = {"logs", "mlflow.db", "mlruns", "tensorboard", "wandb"}
 
 
 def check_demo_config(config: Config) -> None:
@@ -322,22 +309,9 @@ def check_demo_config(config: Config) -> None:
 def pair_fingerprint(pair) -> str:
     """The toy pair's recipe hash and both models' weight fingerprints: a pair rebuilt by the
     same recipe on another torch or CPU may have other weights (the toy models are small, so
-    :func:`~lightreasoner_ray.io.record.weights_fingerprint` hashes their files whole)."""
-    import hashlib
-
-    from lightreasoner_ray.io.record import weights_fingerprint
-
+    :func:`~lightreasoner_ray.io.fingerprints.weights_fingerprint` hashes their files whole)."""
     weights = "-".join(weights_fingerprint(str(directory)) for directory in (pair.expert_path, pair.amateur_path))
     return f"{pair.spec_hash}-{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: tree}
 
 
 def claim_output_dir(config: Config, pair_hash: str) -> None:
@@ -348,228 +322,28 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     for key in ("output_dir", "ray"):
         tree.pop(key, None)
     tree["demo"].pop("seeds", None)
-    settings = {"toy_pair": pair_hash, **_flatten(tree)}
+    settings = {"toy_pair": pair_hash, **flatten_tree(tree)}
     directory = Path(config.output_dir)
-    path = directory / SETTINGS_FILE
-    if not path.is_file() and directory.is_dir() and any(item.name not in RUN_RECORDS for item in directory.iterdir()):
+    # The refusal lists the changed keys alone (the settings are many; the record has their values).
+    record = StageRecord(RunLayout(config.output_dir).demo_settings, settings, compare_dropped=True,
+                         describe=lambda key, before, after: key)
+    path = record.path
+
+    def refuse(changed: list[str]) -> LightReasonerError:
+        changed = sorted(changed)
+        return LightReasonerError(
+            f"demo: {config.output_dir} holds a demo run with other settings ({', '.join(changed[:8]) or path}"
+            f"{', ...' if len(changed) > 8 else ''} differ, see {path}); its stages would be resumed, not "
+            "redone: pass another output_dir=... or delete that directory"
+        )
+
+    def unrecorded() -> None:
+        if storage.exists(path):  # there but unreadable: nothing of it can be trusted
+            raise refuse(list(settings))
         raise LightReasonerError(
-            f"demo: {directory} is not empty and holds no {SETTINGS_FILE} (a run of an older version, or "
+            f"demo: {directory} is not empty and holds no {DEMO_SETTINGS} (a run of an older version, or "
             "something else): pass another output_dir=... or delete that directory"
         )
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError:
-            previous = None
-        if previous != settings:
-            changed = sorted(key for key in set(settings) | set(previous or {})
-                             if (previous or {}).get(key, "<missing>") != settings.get(key, "<missing>"))
-            raise LightReasonerError(
-                f"demo: {config.output_dir} holds a demo run with other settings ({', '.join(changed[:8]) or path}"
-                f"{', ...' if len(changed) > 8 else ''} differ, see {path}); its stages would be resumed, not "
-                "redone: pass another output_dir=... or delete that directory"
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_json_atomic(str(path), settings)
 
-
-def hasty_slips(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per evaluated model, from the evaluator's predictions: among the held-out problems that
-    end in a doubling or tripling, the share whose last ``\\boxed{}`` holds the value before it
-    (the slip the toy pair learned, see :func:`lightreasoner_ray.toy.domain.hasty_solution`),
-    and the problems solved among those and among the others."""
-    from lightreasoner_ray.stages.evaluation.stage import eval_dir, predictions_path, read_jsonl_rows
-    from lightreasoner_ray.toy import boxed_answer, hasty_answer
-    from lightreasoner_ray.toy.pair import hasty_answer_rate
-
-    ending_in_scaling = {str(row["id"]) for row in test_rows if hasty_answer(row) is not None}
-    slips: dict[str, dict[str, Any]] = {}
-    for spec in evaluation.eval.models:
-        tag = spec.split("=", 1)[0]
-        predictions = {str(row["id"]): row
-                       for row in read_jsonl_rows(predictions_path(join_path(eval_dir(evaluation), tag), "toy"))}
-        missing = [str(row["id"]) for row in test_rows if str(row["id"]) not in predictions]
-        if missing:
-            raise LightReasonerError(f"demo: no prediction of {tag!r} for held-out problems {missing[:5]}")
-        answers = [boxed_answer(predictions[str(row["id"])]["output"]) for row in test_rows]
-        solved = {str(row["id"]): bool(predictions[str(row["id"])]["correct"]) for row in test_rows}
-        slips[tag] = {
-            "rate": hasty_answer_rate(answers, test_rows),
-            "ending_in_scaling": {"problems": len(ending_in_scaling),
-                                  "correct": sum(solved[i] for i in ending_in_scaling)},
-            "others": {"problems": len(solved) - len(ending_in_scaling),
-                       "correct": sum(ok for i, ok in solved.items() if i not in ending_in_scaling)},
-        }
-    return slips
-
-
-def _mean_or_none(values: list[float | None]) -> float | None:
-    known = [value for value in values if value is not None]
-    return statistics.fmean(known) if known else None
-
-
-def _accuracy(results: dict[str, Any], tag: str) -> float:
-    return results["models"][tag]["benchmarks"]["toy"]["accuracy"]
-
-
-def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
-                sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int,
-                slips: dict[str, dict[str, Any]] | None = None,
-                rejection: dict[str, Any] | None = None) -> dict[str, Any]:
-    problems = len(sampled)
-    slips = slips or {}
-    rows = [
-        {"model": name, "accuracy_mean": _accuracy(results, name), "accuracy_std": 0.0, "accuracies": [],
-         "hasty_slip_rate": slips.get(name, {}).get("rate"), "slips": [slips[name]] if name in slips else [],
-         "problems_used": 0, "solutions_kept": None, "tuned_tokens": 0, "wall_time_s": None,
-         "wall_time_resumed": False}
-        for name in ("amateur", "expert")
-    ]
-    for name, runs in variant_runs.items():
-        if not runs:
-            continue
-        accuracies = [_accuracy(results, f"{name}-seed{run['seed']}") for run in runs]
-        # Sampling is charged to the variants that need it (none for SFT on gold solutions).
-        default_sampling = timings["sample"] if name != "sft" else 0.0
-        tuned = [run["tuned_tokens"] for run in runs]
-        rows.append({
-            "model": name,
-            "accuracy_mean": statistics.fmean(accuracies),
-            # Sample standard deviation over seeds.
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "accuracies": accuracies,
-            "hasty_slip_rate": _mean_or_none([slips.get(f"{name}-seed{run['seed']}", {}).get("rate") for run in runs]),
-            "slips": [slips[f"{name}-seed{run['seed']}"] for run in runs if f"{name}-seed{run['seed']}" in slips],
-            "problems_used": runs[0].get("problems", problems),
-            "solutions_kept": runs[0].get("solutions_kept"),
-            # The same rows for every seed, except in later rounds (each seed's model samples its own).
-            "tuned_tokens": tuned[0] if len(set(tuned)) == 1 else round(statistics.fmean(tuned)),
-            "tuned_tokens_per_seed": tuned,
-            "wall_time_s": statistics.fmean(run.get("sampling_time_s", default_sampling) + run["train_time_s"]
-                                            for run in runs),
-            "wall_time_resumed": any(run["resumed"] for run in runs),
-        })
-    completion_tokens = sum(len(row["completion_ids"]) for row in sampled)
-    return {
-        "rows": rows,
-        "seeds": list(config.demo.seeds),
-        "eval_split": config.demo.eval_split,
-        "held_out_problems": config.demo.test_problems,
-        "train_problems": problems,
-        "beta": config.sampling.beta,
-        "alpha": config.sampling.alpha,
-        "lr": config.train.lr,
-        "max_steps": config.train.max_steps,
-        "rounds": config.demo.rounds,
-        "lightreasoner_steps": lightreasoner_steps,
-        "expert_completion_tokens": completion_tokens,
-        "rejection_sampling": rejection,
-        "toy_pair": {"expert": str(pair.expert_path), "amateur": str(pair.amateur_path),
-                     "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy},
-        "timings_s": timings,
-        "evaluation": results,
-    }
-
-
-def demo_markdown(report: dict[str, Any]) -> str:
-    from lightreasoner_ray.ui.reports import markdown_table
-
-    def accuracy(row: dict[str, Any]) -> str:
-        text = f"{100 * row['accuracy_mean']:.1f}"
-        return text + (f" ± {100 * row['accuracy_std']:.1f}" if len(row["accuracies"]) > 1 else "")
-
-    def slip(row: dict[str, Any]) -> str:
-        rate = row.get("hasty_slip_rate")
-        return "–" if rate is None else f"{100 * rate:.0f}"
-
-    def kept(row: dict[str, Any]) -> str:
-        value = row.get("solutions_kept")
-        return "–" if value is None else str(value)
-
-    table = markdown_table(
-        [[title(row["model"]), accuracy(row), slip(row), row["problems_used"] or "–", kept(row),
-          row["tuned_tokens"] or "–", _wall_time(row)] for row in report["rows"]],
-        ["model", f"{report.get('eval_split', 'test')} accuracy (%)", "hasty slips (%)", "problems used",
-         "SFT solutions", "tuned tokens", "wall time"],
-    )
-    seeds = report["seeds"]
-    resumed = any(row.get("wall_time_resumed") for row in report["rows"])
-    rejection = report.get("rejection_sampling")
-    split = report.get("eval_split", "test")
-    text = (
-        f"# LightReasoner demo (toy arithmetic, CPU)\n\n{table}\n"
-        f"Evaluated on {report['held_out_problems']} toy {split} problems, greedy"
-        + (" (the validation split: for choices, not for reporting)" if split == "validation" else
-           " (the held-out test split: reported, never used for a choice)") + ". "
-        f"Training problems: {report['train_problems']} (the expert's own completions: "
-        f"{report['expert_completion_tokens']} tokens; LightReasoner keeps the {report['lightreasoner_steps']} with "
-        f"KL > β = {report['beta']}). Seeds: {', '.join(map(str, seeds))}"
-        + (" (mean ± sample std)" if len(seeds) > 1 else "") + ". "
-    )
-    if rejection:
-        text += (f"SFT (rejection-sampled): the expert sampled {rejection['samples_per_problem']} solutions a problem "
-                 f"at temperature {rejection['temperature']} ({rejection['sampled']} in all), {rejection['correct']} "
-                 f"reached the gold answer, {rejection['kept']} distinct ones (covering "
-                 f"{rejection['problems_with_a_kept_solution']} problems) are its SFT data. ")
-    if report.get("rounds", 1) > 1:
-        text += ("LightReasoner round r > 1: round r - 1's model (merged) samples "
-                 f"{report['train_problems']} fresh problems against the same amateur; its row's problems, tuned "
-                 "tokens and wall time (merge + sampling + training) are that round's alone. ")
-    text += ("Wall time of a trained variant = its sampling (none for SFT on gold) + training. SFT solutions: the "
-             "one-hot solutions SFT trains on. Hasty slips: of the problems that end in a doubling or tripling, the "
-             "share answered with the value before it (the weakness the toy pair was given, milder in the expert "
-             "than in the amateur).\n")
-    if resumed:
-        text += "Wall times marked resumed include stages resumed from an earlier run: not what they cost.\n"
-    return text
-
-
-def _wall_time(row: dict[str, Any]) -> str:
-    if row["wall_time_s"] is None:
-        return "–"
-    return f"{row['wall_time_s']:.0f} s" + (" (resumed)" if row.get("wall_time_resumed") else "")
-
-
-def demo_chart_png(report: dict[str, Any]) -> bytes:
-    """One bar per model (mean held-out accuracy), the spread over seeds as error bars and
-    each seed's accuracy as a dot."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = report["rows"]
-    figure = Figure(figsize=(10.5, 4.6), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    means = [100 * row["accuracy_mean"] for row in rows]
-    spreads = [100 * row["accuracy_std"] for row in rows]
-    bars = axes.bar(range(len(rows)), means, yerr=spreads, capsize=4, color=[f"C{i}" for i in range(len(rows))])
-    axes.bar_label(bars, labels=[f"{value:.1f}" for value in means], fontsize=8, padding=3)
-    for position, row in enumerate(rows):
-        if len(row["accuracies"]) > 1:
-            axes.plot([position] * len(row["accuracies"]), [100 * a for a in row["accuracies"]], "k.", markersize=4)
-    axes.set_xticks(range(len(rows)), [title(row["model"]).replace(" + ", "\n+ ").replace(", ", ",\n") for row in rows],
-                    fontsize=7)
-    axes.set_ylabel(f"{report.get('eval_split', 'test')} accuracy (%)")
-    axes.set_ylim(0, 100)
-    seeds = report["seeds"]
-    axes.set_title(f"LightReasoner at toy scale: {report['held_out_problems']} {report.get('eval_split', 'test')} problems"
-                   + (f", {len(seeds)} seeds (mean, std, each seed)" if len(seeds) > 1 else ""), fontsize=10)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def write_demo_report(directory: str, report: dict[str, Any]) -> dict[str, str]:
-    paths = {
-        "json": join_path(directory, "demo_results.json"),
-        "markdown": join_path(directory, "demo_results.md"),
-        "chart": join_path(directory, "demo_results.png"),
-    }
-    storage.write_json_atomic(paths["json"], report)
-    storage.write_bytes_atomic(paths["markdown"], demo_markdown(report).encode("utf-8"))
-    storage.write_bytes_atomic(paths["chart"], demo_chart_png(report))
-    return paths
+    has_outputs = directory.is_dir() and any(item.name not in RUN_RECORDS for item in directory.iterdir())
+    record.claim(has_outputs, refuse, unrecorded=unrecorded)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.config import Config
+from lightreasoner_ray.data.problems import check_gold_answers
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.runs.round import REJECTION_SFT_TAG, run_round
 from lightreasoner_ray.runs.rounds import run_rounds
+from lightreasoner_ray.stages.evaluation.stage import load_benchmarks
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)
@@ -19,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 def check_before_start(config: Config) -> None:
     """Fail in seconds, not after hours of sampling and training, on what stage 3 would refuse."""
-    from lightreasoner_ray.stages.evaluation.stage import load_benchmarks
-
     if storage.is_uri(config.output_dir):
         raise LightReasonerError(
             f"output_dir {config.output_dir}: `run` evaluates the trained model from <output_dir>/model, which "
@@ -29,13 +29,11 @@ def check_before_start(config: Config) -> None:
         )
     load_benchmarks(config.eval)  # every benchmark file is there (or on the hub), every row parses
     if config.rejection_sft.enabled:
-        from lightreasoner_ray.data.problems import check_gold_answers
-
         if config.eval.models:
             raise LightReasonerError(
                 "rejection_sft.enabled with eval.models set: the baseline would be trained but not evaluated; leave "
                 f"eval.models empty (baseline, lightreasoner and {REJECTION_SFT_TAG} are evaluated) or add "
-                f"{REJECTION_SFT_TAG}={join_path(config.output_dir, 'rejection_sft', 'model')} to it"
+                f"{REJECTION_SFT_TAG}={RunLayout(config.output_dir).rejection_sft.model} to it"
             )
         check_gold_answers(config.data)  # every problem has a gold answer to filter the sampled solutions by
 

@@ -15,8 +15,10 @@ import logging
 import time
 from typing import Any
 
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.io import storage
-from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.stages.evaluation.stage import run_evaluation
 from lightreasoner_ray.ui.console import echo
 from lightreasoner_ray.ui.reports import accuracy_rows, markdown_table
 
@@ -32,18 +34,16 @@ def pipeline_eval_models(config: Config) -> list[str]:
     ``rejection_sft.enabled``, the rejection-sampling SFT baseline."""
     if config.eval.models:
         return list(config.eval.models)
-    models = [f"{BASELINE_TAG}={config.expert.path}", f"{TRAINED_TAG}={join_path(config.output_dir, 'model')}"]
+    layout = RunLayout(config.output_dir)
+    models = [f"{BASELINE_TAG}={config.expert.path}", f"{TRAINED_TAG}={layout.model}"]
     if config.rejection_sft.enabled:
-        from lightreasoner_ray.stages.rejection_sampling import rejection_dir
-
-        models.append(f"{REJECTION_SFT_TAG}={join_path(rejection_dir(config), 'model')}")
+        models.append(f"{REJECTION_SFT_TAG}={layout.rejection_sft.model}")
     return models
 
 
 def run_round(config: Config, eval_models: list[str] | None = None, restart: bool = False) -> dict[str, Any]:
     """One round's stages in ``config.output_dir``: sample, train, evaluate ``eval_models``
     (default :func:`pipeline_eval_models`), report. ``restart`` starts each stage over."""
-    from lightreasoner_ray.stages.evaluation.stage import run_evaluation
     from lightreasoner_ray.stages.sampling.stage import run_sampling
     from lightreasoner_ray.stages.training.driver import run_training, training_done
 
@@ -81,8 +81,8 @@ def run_round(config: Config, eval_models: list[str] | None = None, restart: boo
     stage_seconds["evaluate"] = time.time() - started
 
     report = efficiency_report(config, samples, training, results, stage_seconds, rejection)
-    write_report(config.output_dir, report)
-    echo(f"report: {join_path(config.output_dir, 'report.md')}")
+    paths = write_report(config.output_dir, report)
+    echo(f"report: {paths['markdown']}")
     return report
 
 
@@ -211,6 +211,8 @@ def rejection_markdown(report: dict[str, Any]) -> str:
     )
 
 
-def write_report(output_dir: str, report: dict[str, Any]) -> None:
-    storage.write_json_atomic(join_path(output_dir, "report.json"), report)
-    storage.write_bytes_atomic(join_path(output_dir, "report.md"), report_markdown(report).encode("utf-8"))
+def write_report(output_dir: str, report: dict[str, Any]) -> dict[str, str]:
+    paths = RunLayout(output_dir).report
+    storage.write_json_atomic(paths["json"], report)
+    storage.write_bytes_atomic(paths["markdown"], report_markdown(report).encode("utf-8"))
+    return paths

@@ -20,29 +20,39 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.config import Config, ExportConfig, join_path
+from lightreasoner_ray.config import Config, ExportConfig
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.io.record import StageRecord
 from lightreasoner_ray.runs.round import BASELINE_TAG, REJECTION_SFT_TAG, TRAINED_TAG, run_round
 from lightreasoner_ray.ui.reports import markdown_table, paper_order, percent, title
 
 logger = logging.getLogger(__name__)
 
-ROUND_DONE_FILE = "round_done.json"
+
+# ---- what makes a next round (also the demo's rounds) ------------------------------------
 
 
-def round_dir(output_dir: str, round_number: int) -> str:
-    return output_dir if round_number == 1 else join_path(output_dir, f"round-{round_number}")
+def round_config(config: Config, round_number: int, expert_path: str, output_dir: Optional[str] = None,
+                 problems: Optional[str] = None) -> Config:
+    """The config of one round: its own output directory, expert and fresh problems.
 
-
-def round_config(config: Config, round_number: int, expert_path: str) -> Config:
-    """The config of one round: its own output directory, expert and slice of problems."""
-    data = dataclasses.replace(config.data, offset=config.data.offset + (round_number - 1) * config.data.limit)
+    By default round r runs in ``<output_dir>/round-<r>`` (round 1 in ``output_dir`` itself) on
+    the next ``data.limit`` problems of the problem file (``data.offset`` advances by
+    ``data.limit`` a round); ``output_dir`` and ``problems`` (a file of the round's own
+    problems) name others, as the demo's rounds do (one directory per seed and round).
+    """
+    if problems is None:
+        data = dataclasses.replace(config.data, offset=config.data.offset + (round_number - 1) * config.data.limit)
+    else:
+        data = dataclasses.replace(config.data, problems=problems)
     return dataclasses.replace(
         config,
-        output_dir=round_dir(config.output_dir, round_number),
+        output_dir=output_dir or RunLayout(config.output_dir).round(round_number).output_dir,
         expert=dataclasses.replace(config.expert, path=expert_path),
         data=data,
         # Each round's adapter is merged to the round's defaults (<round dir>/merged).
@@ -51,6 +61,29 @@ def round_config(config: Config, round_number: int, expert_path: str) -> Config:
         rejection_sft=dataclasses.replace(config.rejection_sft, enabled=config.rejection_sft.enabled and round_number == 1),
         rounds=1,
     )
+
+
+def next_expert(config: Config, reuse: bool = False) -> str:
+    """The model ``config``'s run trained, standalone, for the next round to sample with.
+
+    A LoRA adapter (``<output_dir>/model``) is merged into ``expert.path``, into
+    ``<output_dir>/merged``; a fully fine-tuned model is used as it is. With ``reuse`` a merged
+    model already there is taken as it is (the demo: its output_dir is claimed whole, so the
+    adapter under it cannot have changed). The path is absolute: the next round's Ray workers
+    do not share the driver's working directory.
+    """
+    from lightreasoner_ray.stages.export import run_export
+
+    layout = RunLayout(config.output_dir)
+    if not config.train.lora.enabled:
+        return os.path.abspath(layout.model)
+    merged = os.path.abspath(layout.merged)
+    if not (reuse and Path(merged, "config.json").is_file()):  # a merged model is written whole (staged, renamed)
+        run_export(dataclasses.replace(config, export=ExportConfig(dtype=config.export.dtype)))
+    return merged
+
+
+# ---- lightreasoner run ... rounds=N -------------------------------------------------------
 
 
 def check_rounds_config(config: Config) -> None:
@@ -72,26 +105,23 @@ def _settings(config: Config) -> dict[str, Any]:
     return tree
 
 
+def round_record(config: Config, row: Optional[dict[str, Any]] = None, expert_after: str = "") -> StageRecord:
+    """``round_done.json``: the settings a finished round ran with (compared), its report row and
+    the expert it leaves for the next round (kept, so a re-submitted job can skip it whole)."""
+    outcome = {} if row is None else {"row": row, "next_expert": expert_after}
+    return StageRecord(RunLayout(config.output_dir).round_done, {"settings": _settings(config), **outcome},
+                       informational=frozenset({"row", "next_expert"}))
+
+
 def _finished_round(config: Config) -> dict[str, Any] | None:
-    path = join_path(config.output_dir, ROUND_DONE_FILE)
-    if not storage.exists(path):
+    record = round_record(config)
+    done = record.read()
+    if done is None:
         return None
-    done = storage.read_json(path)
-    if done.get("settings") != _settings(config):
-        logger.info("%s was written with other settings: the round's stages resume or redo as they see fit", path)
+    if record.changes(done):
+        logger.info("%s was written with other settings: the round's stages resume or redo as they see fit", record.path)
         return None
     return done
-
-
-def _next_expert(config: Config) -> str:
-    """Round r's trained expert as a standalone model for round r + 1 to sample with."""
-    from lightreasoner_ray.stages.export import export_paths, run_export
-
-    if not config.train.lora.enabled:
-        return os.path.abspath(join_path(config.output_dir, "model"))
-    run_export(config)
-    # Absolute: the next round's Ray workers do not share the driver's working directory.
-    return os.path.abspath(export_paths(config)[1])
 
 
 def run_rounds(config: Config) -> dict[str, Any]:
@@ -109,18 +139,18 @@ def run_rounds(config: Config) -> dict[str, Any]:
         logger.info("round %d/%d: expert %s, problems %d..%d of %s", number, config.rounds, expert,
                     current.data.offset, current.data.offset + current.data.limit - 1, current.data.problems)
         started = time.time()
-        models = None if number == 1 else [f"{TRAINED_TAG}={join_path(current.output_dir, 'model')}"]
+        models = None if number == 1 else [f"{TRAINED_TAG}={RunLayout(current.output_dir).model}"]
         report = run_round(current, eval_models=models)
-        next_expert = _next_expert(current) if number < config.rounds else ""
+        expert_after = next_expert(current) if number < config.rounds else ""
         row = round_row(number, current, report, time.time() - started)
-        storage.write_json_atomic(join_path(current.output_dir, ROUND_DONE_FILE),
-                                  {"settings": _settings(current), "row": row, "next_expert": next_expert})
+        round_record(current, row, expert_after).write()
         rows.append(row)
-        expert = next_expert
+        expert = expert_after
     summary = {"output_dir": config.output_dir, "rounds": rows}
-    storage.write_json_atomic(join_path(config.output_dir, "rounds.json"), summary)
-    storage.write_bytes_atomic(join_path(config.output_dir, "rounds.md"), rounds_markdown(summary).encode("utf-8"))
-    logger.info("rounds report: %s", join_path(config.output_dir, "rounds.md"))
+    paths = RunLayout(config.output_dir).rounds_report
+    storage.write_json_atomic(paths["json"], summary)
+    storage.write_bytes_atomic(paths["markdown"], rounds_markdown(summary).encode("utf-8"))
+    logger.info("rounds report: %s", paths["markdown"])
     return summary
 
 

@@ -14,10 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.ui.reports import markdown_table, paper_order, title
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.ui.console import echo
+from lightreasoner_ray.ui.reports import markdown_table, paper_order, percent, title
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def model_predictions_dir(config: Config, tag_or_dir: str) -> str:
     """An eval tag under ``<output_dir>/eval``, or a directory of ``<benchmark>.jsonl`` files."""
     if not storage.is_uri(tag_or_dir) and ("/" in tag_or_dir or tag_or_dir.startswith(".")) and Path(tag_or_dir).is_dir():
         return tag_or_dir
-    return join_path(config.output_dir, "eval", tag_or_dir)
+    return RunLayout(config.output_dir).eval_model(tag_or_dir)
 
 
 def read_predictions(directory: str, label: str) -> dict[str, dict[str, dict[str, Any]]]:
@@ -108,10 +110,6 @@ def compare_predictions(before: dict[str, dict[str, dict[str, Any]]], after: dic
     return {"before": before_label, "after": after_label, "benchmarks": benchmarks, "fixed": fixed, "broken": broken}
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def _one_line(text: Any, limit: int = QUESTION_CHARS) -> str:
     flat = " ".join(str(text).split()).replace("|", "\\|")
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -122,7 +120,7 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
     rows = []
     for name, stats in comparison["benchmarks"].items():
         delta = (None if stats["n"] == 0 else stats["after_accuracy"] - stats["before_accuracy"])
-        rows.append([title(name), stats["n"], _percent(stats["before_accuracy"]), _percent(stats["after_accuracy"]),
+        rows.append([title(name), stats["n"], percent(stats["before_accuracy"]), percent(stats["after_accuracy"]),
                      "–" if delta is None else f"{100 * delta:+.1f}", stats["fixed"], stats["broken"]])
     parts = [
         f"# {after} vs {before}\n",
@@ -155,16 +153,12 @@ def _file_label(label: str) -> str:
 
 
 def run_compare(config: Config, before: str = "baseline", after: str = "lightreasoner") -> dict[str, Any]:
-    from lightreasoner_ray.ui.console import echo
-
     comparison = compare_predictions(
         read_predictions(model_predictions_dir(config, before), before),
         read_predictions(model_predictions_dir(config, after), after),
         _file_label(before), _file_label(after),
     )
-    stem = f"{_file_label(before)}_vs_{_file_label(after)}"
-    directory = join_path(config.output_dir, "compare")
-    paths = {"markdown": join_path(directory, f"{stem}.md"), "json": join_path(directory, f"{stem}.json")}
+    paths = RunLayout(config.output_dir).comparison(_file_label(before), _file_label(after))
     markdown = comparison_markdown(comparison)
     storage.write_json_atomic(paths["json"], comparison)
     storage.write_bytes_atomic(paths["markdown"], markdown.encode("utf-8"))

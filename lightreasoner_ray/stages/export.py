@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +92,11 @@ def run_export(config: Config) -> dict[str, Any]:
 
     target = Path(output_path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    staging = storage.staging_path(target)
     try:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _replace_directory(staging, target)
+        storage.replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = {
@@ -110,11 +109,3 @@ def run_export(config: Config) -> dict[str, Any]:
     }
     logger.info("merged adapter %s into %s: %s", adapter, base, target)
     return summary
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)

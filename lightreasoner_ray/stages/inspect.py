@@ -23,13 +23,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.ui.console import echo
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "samples_report.html"
 # Trajectories shown (in problem-id order) and top tokens per model and position.
 MAX_TRAJECTORIES = 40
 TOP_K = 5
@@ -38,14 +39,13 @@ HISTOGRAM_BINS = 40
 
 def run_inspect(config: Config, max_trajectories: int = MAX_TRAJECTORIES) -> dict[str, Any]:
     """Write the samples page for ``<output_dir>/samples``; return what it shows."""
-    from lightreasoner_ray.ui.console import echo
-
-    rows = read_samples(config.samples_dir)
+    layout = RunLayout(config.output_dir)
+    rows = read_samples(layout.samples)
     config = as_sampled(config)
     shown = rows[:max_trajectories]
     tokenizer, top = top_tokens_for(config, shown)
     page_data = build_page_data(config, rows, shown, tokenizer, top)
-    path = join_path(config.output_dir, REPORT_FILE)
+    path = layout.samples_report
     storage.write_bytes_atomic(path, render_html(page_data).encode("utf-8"))
     stats = page_data["stats"]
     echo(f"samples report: {path} ({len(shown)} of {len(rows)} trajectories shown, selection ratio "
@@ -56,7 +56,7 @@ def run_inspect(config: Config, max_trajectories: int = MAX_TRAJECTORIES) -> dic
 def as_sampled(config: Config) -> Config:
     """The config with the models, alpha and beta the samples were made with (samples_summary.json),
     so that the page tells what the samples hold, and ``inspect output_dir=D`` needs no model paths."""
-    path = join_path(config.output_dir, "samples_summary.json")
+    path = RunLayout(config.output_dir).samples_summary
     if not storage.exists(path):
         if not config.expert.path or not config.amateur.path:
             raise LightReasonerError(f"{path} is missing: give expert.path and amateur.path")

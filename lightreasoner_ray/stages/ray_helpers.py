@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import uuid
 from typing import Any, Iterator
 
 from lightreasoner_ray.config import RayConfig
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.test_seam import reached
+from lightreasoner_ray.ui.console import active_console, progress_stream
 
 logger = logging.getLogger(__name__)
-
-# Test-only: SIGKILL this process right after writing that many files.
-TEST_KILL_ENV = "LIGHTREASONER_TEST_KILL_AFTER_FILES"
 
 
 def init_ray(config: RayConfig) -> None:
@@ -34,8 +32,6 @@ def init_ray(config: RayConfig) -> None:
     if address == "local":
         kwargs["include_dashboard"] = False if os.environ.get("LIGHTREASONER_NO_DASHBOARD") else None
     ray.init(address=address, log_to_driver=True, **kwargs)
-    from lightreasoner_ray.ui.console import active_console
-
     if active_console() is not None:
         # Quiet console: Ray Data's per-operator bars would only fill the log file with redraws.
         from ray.data import DataContext
@@ -69,13 +65,9 @@ def write_batches(dataset: Any, directory: str, total: int, description: str, ro
     yields each table once it is on disk."""
     from tqdm.auto import tqdm
 
-    from lightreasoner_ray.ui.console import progress_stream
-
-    kill_after = int(os.environ.get(TEST_KILL_ENV, "0"))
     with tqdm(total=total, desc=description, unit="problem", file=progress_stream()) as progress:
         for files, batch in enumerate(dataset.iter_batches(batch_size=rows_per_file, batch_format="pyarrow"), 1):
             storage.write_parquet_atomic(batch, directory, f"part-{uuid.uuid4().hex}.parquet")
-            if files == kill_after:  # tests: die like a killed job, mid-run, at a known point
-                os.kill(os.getpid(), signal.SIGKILL)
+            reached("sampling.file_written", files=files)
             progress.update(batch.num_rows)
             yield batch

@@ -5,7 +5,7 @@ against. The expert samples ``rejection_sft.samples_per_problem`` solutions to e
 problem at ``rejection_sft.temperature`` (Ray Data actors holding one generation
 engine each: ``hf``, ``vllm`` or a factory, as the other stages); the grading module
 keeps those whose final answer is equivalent to the gold one; the distinct kept
-solutions are trained as one-hot labels (:func:`ablations.sft_rows`: KL(onehot || pi)
+solutions are trained as one-hot labels (:func:`~lightreasoner_ray.data.sample_sets.sft_rows`: KL(onehot || pi)
 is next-token cross-entropy) through the same trainer as LightReasoner. Unlike
 LightReasoner it needs ground-truth answers.
 
@@ -26,19 +26,22 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.layout import RunLayout
-from lightreasoner_ray.data.sample_sets import sft_rows, tuned_tokens, write_sample_set
-from lightreasoner_ray.config import Config, join_path
-from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.core.grading import extract_answer, is_equivalent
+from lightreasoner_ray.data.sample_sets import sft_rows, tuned_tokens, write_sample_set
+from lightreasoner_ray.data.samples import finished_problem_ids
+from lightreasoner_ray.engines.base import EngineSpec
+from lightreasoner_ray.engines.registry import resolve_engine_factory
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.fingerprints import settings_fingerprint, weights_fingerprint
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.io.record import StageRecord, check_sampling_settings, remove_path, restart_stage
+from lightreasoner_ray.stages.problem_prompts import prepare_problems
+from lightreasoner_ray.stages.ray_helpers import actor_pool_map, init_ray, write_batches
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)
-
-DIRECTORY = "rejection_sft"
-SETTINGS_FILE = "rejection_settings.json"
-SUMMARY_FILE = "rejection_summary.json"
 
 SOLUTIONS_SCHEMA = pa.schema(
     [
@@ -118,8 +121,6 @@ class SolutionSampler:
     solutions to each problem of a batch and grades them against its gold answer."""
 
     def __init__(self, spec: Any, engine: str, grader: str) -> None:
-        from lightreasoner_ray.engines.registry import resolve_engine_factory
-
         self.engine = resolve_engine_factory(engine, "rejection_sft.engine")(spec)
         self.grader = grader
 
@@ -142,18 +143,12 @@ class SolutionSampler:
 # ----------------------------------------------------------------------------- stage
 
 
-def rejection_dir(config: Config) -> str:
-    return join_path(config.output_dir, DIRECTORY)
-
-
 def engine_name(config: Config) -> str:
     return config.rejection_sft.engine or config.sampling.engine
 
 
 def rejection_settings(config: Config) -> dict[str, Any]:
     """What the sampled solutions depend on: a resume must not mix two of these."""
-    from lightreasoner_ray.io.record import weights_fingerprint
-
     settings = config.rejection_sft
     return {
         "expert": config.expert.path,  # informational: the fingerprint identifies the weights
@@ -171,8 +166,6 @@ def rejection_settings(config: Config) -> dict[str, Any]:
 
 
 def engine_spec(config: Config) -> Any:
-    from lightreasoner_ray.engines.base import EngineSpec
-
     settings = config.rejection_sft
     return EngineSpec(
         model_path=config.expert.path, max_new_tokens=settings.max_new_tokens, batch_size=config.sampling.batch_size,
@@ -192,49 +185,38 @@ def rejection_sampling_outputs(config: Config, result: dict[str, Any]) -> tuple[
 def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     """Sample and grade the solutions of every problem not yet in ``solutions/``, then
     (re)build ``samples/`` from all of them; return (and write) the summary."""
-    from lightreasoner_ray.engines.registry import resolve_engine_factory
-    from lightreasoner_ray.stages.ray_helpers import init_ray
-    from lightreasoner_ray.io.record import check_sampling_settings
-    from lightreasoner_ray.data.samples import finished_problem_ids
-    from lightreasoner_ray.stages.problem_prompts import prepare_problems
-    from lightreasoner_ray.stages.ray_helpers import actor_pool_map, write_batches
-
     started = time.time()
-    directory = rejection_dir(config)
-    solutions_dir, samples_dir = join_path(directory, "solutions"), join_path(directory, "samples")
+    layout = RunLayout(config.output_dir).rejection_sft
+    directory, solutions_dir, samples_dir = layout.output_dir, layout.solutions, layout.samples
     engine = engine_name(config)
     if engine != "hf":  # a missing vLLM or a bad factory path fails before any work
         resolve_engine_factory(engine, "rejection_sft.engine")
     problems, info = prepare_problems(config, with_answers=True)
     if restart:
-        from lightreasoner_ray.io.record import restart_stage
-
         restart_stage("rejection_sft", [directory])
     storage.make_dirs(solutions_dir)
     storage.remove_stale_temporaries(solutions_dir)
     settings = rejection_settings(config)
     check_sampling_settings(
-        directory, solutions_dir, settings, SETTINGS_FILE,
+        layout.rejection_settings, solutions_dir, settings,
         f"delete {directory} (the rejection-sampling SFT baseline's work only; LightReasoner's stays) to sample it "
         "again, or run `lightreasoner run --restart` to start every stage over")
     done = finished_problem_ids(solutions_dir)
     todo = [problem for problem in problems if problem["problem_id"] not in done]
     logger.info("rejection sampling: %d problems, %d already sampled, %d to go", len(problems),
                 len(problems) - len(todo), len(todo))
-    summary_path = join_path(directory, SUMMARY_FILE)
-    from lightreasoner_ray.io.record import settings_fingerprint
-
     # The SFT data is built from the solutions of exactly these problems, prompts and gold answers
-    # (data.limit may shrink; a corrected gold answer regrades the stored answers).
+    # (data.limit may shrink; a corrected gold answer regrades the stored answers): the summary
+    # records their fingerprint, so a finished stage over the same problem set is reused whole.
     problem_set = settings_fingerprint({"problems": sorted((p["problem_id"], p["prompt_ids"], p["answer"]) for p in problems)})
-    if not todo and storage.exists(summary_path):
-        previous = storage.read_json(summary_path)
-        if previous.get("problem_set") == problem_set and (
-                not previous["counts"]["kept"] or storage.list_parquet_files(samples_dir)):
-            # Finished before: nothing new to build. This invocation sampled nothing.
-            previous["counts"]["resumed_problems"] = len(problems)
-            previous["timing"] = {**previous["timing"], "problems_this_run": 0, "reused": True}
-            return previous
+    finished = StageRecord(layout.rejection_summary, {"problem_set": problem_set})
+    previous = finished.read() if not todo else None
+    if previous is not None and not finished.changes(previous) and (
+            not previous["counts"]["kept"] or storage.list_parquet_files(samples_dir)):
+        # Finished before: nothing new to build. This invocation sampled nothing.
+        previous["counts"]["resumed_problems"] = len(problems)
+        previous["timing"] = {**previous["timing"], "problems_this_run": 0, "reused": True}
+        return previous
 
     if todo:
         init_ray(config.ray)
@@ -250,8 +232,6 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     if result.rows:
         write_sample_set(result.rows, samples_dir)
     else:  # no SFT data: nothing of an earlier problem set may stay to be trained on
-        from lightreasoner_ray.io.record import remove_path
-
         remove_path(samples_dir)
     logger.info("rejection sampling: %d of %d sampled solutions correct, %d distinct kept, %d of %d problems covered",
                 result.correct, result.sampled, result.kept, result.problems_with_a_kept_solution, result.problems)
@@ -264,7 +244,7 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
                    "tuned_tokens": tuned_tokens(result.rows), "resumed_problems": len(problems) - len(todo)},
         "timing": {"wall_time_s": time.time() - started, "problems_this_run": len(todo)},
     }
-    storage.write_json_atomic(summary_path, summary)
+    storage.write_json_atomic(layout.rejection_summary, summary)
     return summary
 
 

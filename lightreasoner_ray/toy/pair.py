@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -51,9 +50,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lightreasoner_ray.core.schedule import lr_multiplier
+from lightreasoner_ray.data.prompts import prompt_ids
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.toy.tiny_models import TinyModelSpec, build_model, train_tokenizer
+from lightreasoner_ray.io import storage
 from lightreasoner_ray.toy.domain import boxed_answer, corpus_texts, generate_problems, hasty_answer, hasty_solution
+from lightreasoner_ray.toy.tiny_models import TinyModelSpec, build_model, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +169,6 @@ nearly always do (when it gets that far)."""
 
 
 def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    from lightreasoner_ray.data.prompts import prompt_ids
-
     return prompt_ids(tokenizer, question, SYSTEM_PROMPT)
 
 
@@ -304,8 +304,6 @@ def train_model(
     train mode); training stops early when it returns True.
     """
     from tqdm.auto import tqdm
-
-    from lightreasoner_ray.core.schedule import lr_multiplier
 
     if len(examples) < recipe.batch_size:
         raise LightReasonerError(f"toy pair: {len(examples)} examples for a batch of {recipe.batch_size}")
@@ -633,7 +631,7 @@ def build_toy_pair(
                         system_prompt=SYSTEM_PROMPT, num_threads=num_threads)
         # Written last: a directory with this file holds a complete pair.
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _replace_directory(staging, directory)
+        storage.replace_directory(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -643,14 +641,3 @@ def build_toy_pair(
     logger.info("toy pair: built in %.0fs: expert %.1f%%, amateur %.1f%% held-out accuracy",
                 pair.metadata["timings"]["total_s"], 100 * pair.expert_accuracy, 100 * pair.amateur_accuracy)
     return pair
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move the finished ``staging`` dir to ``directory``, retiring an old pair there."""
-    if directory.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.replace(directory, retired / directory.name)
-        os.replace(staging, directory)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, directory)

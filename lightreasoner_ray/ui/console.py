@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
+from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 
 PACKAGE_LOGGER = "lightreasoner_ray"
@@ -251,6 +252,4 @@ def _ray_is_running() -> bool:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from lightreasoner_ray.errors import LightReasonerError
-
     return isinstance(exc, LightReasonerError)

@@ -15,6 +15,7 @@ import io
 from typing import Any, Iterable, Sequence
 
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import results_files
 
 # The paper's column order; math500 takes MATH's place when the full set is not used.
 PAPER_ORDER = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
@@ -168,11 +169,7 @@ def bar_chart(results: dict[str, Any], path: str, chart_title: str = "Zero-shot 
 
 def write_reports(results: dict[str, Any], directory: str) -> dict[str, str]:
     """``results.json``, ``results.md`` and ``results.png`` under ``directory``."""
-    paths = {
-        "json": f"{directory.rstrip('/')}/results.json",
-        "markdown": f"{directory.rstrip('/')}/results.md",
-        "chart": f"{directory.rstrip('/')}/results.png",
-    }
+    paths = results_files(directory)
     storage.write_json_atomic(paths["json"], results)
     storage.write_bytes_atomic(paths["markdown"], results_markdown(results).encode("utf-8"))
     bar_chart(results, paths["chart"])

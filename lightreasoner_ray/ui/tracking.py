@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
+from lightreasoner_ray.config import flatten_tree
+from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
-from lightreasoner_ray.ui.console import stage_scope
-from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.ui.console import stage_scope, training_progress
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +50,10 @@ def metric_name(*parts: str) -> str:
     return "/".join(re.sub(r"[^A-Za-z0-9_.\- ]", "_", part) for part in parts if part)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def numeric_leaves(tree: Any, prefix: str) -> dict[str, float]:
     """The finite numbers in a summary, keyed ``prefix/a.b``."""
     values = {}
-    for key, value in flatten(tree).items():
+    for key, value in flatten_tree(tree).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
             values[metric_name(prefix, key)] = float(value)
     return values
@@ -255,7 +246,7 @@ class TrackedRun:
                     logger.warning("tracking (%s) could not %s for run %s: %s", type(sink).__name__, action, self.name, exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        text = {key: json.dumps(value) if not isinstance(value, str) else value for key, value in flatten(params).items()}
+        text = {key: json.dumps(value) if not isinstance(value, str) else value for key, value in flatten_tree(params).items()}
         self._each("log parameters", lambda sink: sink.log_params(text))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
@@ -332,8 +323,6 @@ def train_row_metrics(row: dict[str, Any]) -> dict[str, float]:
 @contextlib.contextmanager
 def following_training(config: Any, run: Optional[TrackedRun]) -> Iterator[None]:
     """While training runs: its metrics to the tracked run, its progress to the console's bar."""
-    from lightreasoner_ray.ui.console import training_progress
-
     with training_progress(config.train.max_steps) as progress:
         def on_row(row: dict[str, Any]) -> None:
             if run is not None:

@@ -16,11 +16,20 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from lightreasoner_ray.config import ModelConfig, VLLMConfig
-from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
 from lightreasoner_ray.core.contrast import ContrastResult, contrast_positions
+from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
+from lightreasoner_ray.engines.base import EngineSpec
 from lightreasoner_ray.engines.generation import completion_logits
+from lightreasoner_ray.engines.hf import HFEngine
+from lightreasoner_ray.engines.models import (
+    context_length,
+    default_device,
+    load_model,
+    load_tokenizer,
+    shared_vocab_size,
+)
+from lightreasoner_ray.engines.registry import resolve_engine_factory
 from lightreasoner_ray.ui.prometheus import record_sampling
-from lightreasoner_ray.engines.models import context_length, default_device, load_model, load_tokenizer, shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +44,6 @@ def completion_engine(name: str, expert: ModelConfig, max_new_tokens: int, conte
     Completions are capped to the context both models share.
     """
     import dataclasses
-
-    from lightreasoner_ray.engines.base import EngineSpec
-    from lightreasoner_ray.engines.registry import resolve_engine_factory
-    from lightreasoner_ray.engines.hf import HFEngine
 
     settings = vllm or VLLMConfig()
     spec = EngineSpec(

@@ -15,18 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from lightreasoner_ray.config import Config, join_path
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.data.samples import finished_problem_ids
 from lightreasoner_ray.engines.models import pair_vocab_size
+from lightreasoner_ray.engines.registry import resolve_engine_factory
 from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.layout import SAMPLING_SETTINGS, RunLayout
-from lightreasoner_ray.io.record import check_sampling_settings
+from lightreasoner_ray.io.fingerprints import weights_fingerprint
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.io.record import check_sampling_settings, restart_stage
 from lightreasoner_ray.stages.problem_prompts import prepare_problems
-from lightreasoner_ray.stages.ray_helpers import actor_pool_map, write_batches
+from lightreasoner_ray.stages.ray_helpers import actor_pool_map, init_ray, write_batches
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)
-
 
 
 def sampling_settings(config: Config) -> dict[str, Any]:
@@ -35,8 +36,6 @@ def sampling_settings(config: Config) -> dict[str, Any]:
     The models are identified by their weights' fingerprints (the paths are kept for
     the reader), so a model retrained in place is a change and a moved one is not.
     """
-    from lightreasoner_ray.io.record import weights_fingerprint
-
     sampling = config.sampling
     return {
         "expert": config.expert.path,
@@ -66,25 +65,21 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
 
     ``restart`` first removes the samples, their settings record and summary.
     """
-    from lightreasoner_ray.engines.registry import resolve_engine_factory
-    from lightreasoner_ray.stages.ray_helpers import init_ray
     from lightreasoner_ray.stages.sampling.sampler import ContrastiveSampler
 
     started = time.time()
     if config.sampling.engine != "hf":  # a missing vLLM or a bad factory path fails before any work
         resolve_engine_factory(config.sampling.engine, "sampling.engine")
     problems, info = prepare_problems(config)
-    samples_dir = config.samples_dir
+    layout = RunLayout(config.output_dir)
+    samples_dir = layout.samples
     if restart:
-        from lightreasoner_ray.io.record import restart_stage
-
-        restart_stage("sample", [samples_dir, join_path(config.output_dir, SAMPLING_SETTINGS),
-                                 join_path(config.output_dir, "samples_summary.json")])
+        restart_stage("sample", [samples_dir, layout.sampling_settings, layout.samples_summary])
     storage.make_dirs(samples_dir)
     removed = storage.remove_stale_temporaries(samples_dir)
     if removed:
         logger.info("removed %d partial files left by an interrupted run", removed)
-    check_sampling_settings(config.output_dir, samples_dir, sampling_settings(config))
+    check_sampling_settings(layout.sampling_settings, samples_dir, sampling_settings(config))
     done = finished_problem_ids(samples_dir)
     todo = [p for p in problems if p["problem_id"] not in done]
     logger.info("%d problems: %d already sampled, %d to go", len(problems), len(problems) - len(todo), len(todo))
@@ -110,14 +105,14 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     wall = time.time() - started
     summary = summarize_samples(config, info, wall_time=wall, new_rows=new_rows, new_tokens=new_tokens,
                                 resumed=len(problems) - len(todo))
-    storage.write_json_atomic(join_path(config.output_dir, "samples_summary.json"), summary)
+    storage.write_json_atomic(layout.samples_summary, summary)
     return summary
 
 
 def summarize_samples(config: Config, info: dict[str, Any], wall_time: float, new_rows: int, new_tokens: int,
                       resumed: int) -> dict[str, Any]:
     """Counts, KL distribution and timings over everything in ``<output_dir>/samples``."""
-    files = storage.list_parquet_files(config.samples_dir)
+    files = storage.list_parquet_files(RunLayout(config.output_dir).samples)
     columns = ["completion_ids", "steps", "position_kl"]
     tables = [storage.read_parquet(path, columns=columns) for path in files]
     completion_tokens = selected = problems = 0

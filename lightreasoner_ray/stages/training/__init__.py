@@ -1,1 +1,1 @@
-"""The training stage: the Ray Train driver, the DeepSpeed worker loop and its configuration."""
+"""The training stage: the Ray Train driver, the DeepSpeed worker loop, its checkpoints, metrics log and configuration."""

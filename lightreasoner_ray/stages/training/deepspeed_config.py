@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from lightreasoner_ray.config import TrainConfig
-from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.core.update_plan import micro_batches_per_update
+from lightreasoner_ray.errors import LightReasonerError
 
 
 def check_supported(train: TrainConfig, expert_dtype: str) -> None:

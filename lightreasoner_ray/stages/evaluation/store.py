@@ -1,0 +1,147 @@
+"""One evaluated model's predictions on disk: the generation record, the shard files, the merged files.
+
+``<output_dir>/eval/<tag>/`` (an :class:`~lightreasoner_ray.io.layout.EvalModelLayout`)
+holds ``generation.json`` (what the predictions depend on), every graded shard as
+``<benchmark>/shard-00003.jsonl`` (written atomically: a killed run loses at most the
+shards in flight) and, once all shards of a benchmark exist, their concatenation
+``<benchmark>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from lightreasoner_ray.core.scoring import PREDICTION_FIELDS
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import EvalModelLayout
+from lightreasoner_ray.io.record import StageRecord, remove_path
+from lightreasoner_ray.stages.evaluation.pool import Shard
+
+logger = logging.getLogger(__name__)
+
+MODEL_FINGERPRINT = "model_fingerprint"
+
+
+def predictions_path(model_dir: str, benchmark: str) -> str:
+    return EvalModelLayout(model_dir).predictions(benchmark)
+
+
+def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL file, local or URI; a bad file raises OSError or ValueError (its caller recomputes it)."""
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def read_finished_shard(path: str, shard: Shard, model_fingerprint: str = "") -> Optional[list[dict[str, Any]]]:
+    """The graded rows of a shard written by an earlier run, or None when it must be (re)done.
+
+    With ``model_fingerprint``, rows recorded for other weights (or for none) are redone.
+    """
+    if not storage.exists(path):
+        return None
+    try:
+        rows = read_jsonl_rows(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if [str(row.get("id")) for row in rows] != shard.ids or any(set(PREDICTION_FIELDS) - set(row) for row in rows):
+        logger.warning("%s does not hold this shard's rows (limit or shard_size changed?); recomputing it", path)
+        return None
+    if model_fingerprint and any(row.get(MODEL_FINGERPRINT) != model_fingerprint for row in rows):
+        logger.warning("%s holds predictions of other weights; recomputing it", path)
+        return None
+    return rows
+
+
+def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix predictions made with different settings in one directory; start over for new weights.
+
+    ``settings`` holds the evaluated model's ``model_fingerprint`` (of its weights, not
+    its path: see :func:`lightreasoner_ray.io.fingerprints.weights_fingerprint`). When that
+    differs from the recorded one (the model at that path was retrained, or the record
+    predates fingerprints) the directory's predictions are discarded and the model is
+    evaluated afresh; a change of any generation setting is refused instead.
+    """
+    record = StageRecord(
+        EvalModelLayout(model_dir).generation_settings, settings,
+        informational=frozenset({"model_path"}), identity=frozenset({MODEL_FINGERPRINT}),
+        # Greedy decoding leaves the sampling keys out, so going back to it is a change too.
+        compare_dropped=True,
+    )
+
+    def refuse(_changes: list[str]) -> LightReasonerError:
+        previous = record.read() or {}
+        changed = sorted(record.changed_keys(previous))
+        return LightReasonerError(
+            f"{model_dir} holds predictions made with other settings ({', '.join(changed)} differ: "
+            f"{ {k: previous.get(k) for k in changed} } then, { {k: settings.get(k) for k in changed} } now); "
+            "use another output_dir or model tag, or re-run with `lightreasoner evaluate --restart` "
+            "(`run --restart` for the pipeline) to discard them"
+        )
+
+    def discard(previous: dict[str, Any]) -> None:
+        logger.warning(
+            "the model at %s is not the one whose predictions are in %s (weights fingerprint %s then, %s now): "
+            "discarding them and evaluating it afresh", settings.get("model_path"), model_dir,
+            previous.get(MODEL_FINGERPRINT, "<none recorded>"), settings.get(MODEL_FINGERPRINT),
+        )
+        remove_path(model_dir)
+
+    # The record sits in the model's directory, so a recorded directory counts as holding predictions.
+    # One without a record (an older version's) needs no check: its rows carry no fingerprint and are redone.
+    record.claim(storage.exists(model_dir), refuse, unrecorded=lambda: None, replaced=discard)
+
+
+class PredictionStore:
+    """One model's shard files; concatenates a benchmark as soon as all its shards are in.
+
+    Every row records the ``model_fingerprint`` of the weights that produced it;
+    :meth:`resume` keeps only shards whose rows all carry the current one.
+    """
+
+    def __init__(self, model_dir: str, shards: dict[str, list[Shard]], model_fingerprint: str = "") -> None:
+        self.model_dir = model_dir
+        self.layout = EvalModelLayout(model_dir)
+        self.shards = shards
+        self.model_fingerprint = model_fingerprint
+        self.rows: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in shards}
+
+    def resume(self) -> list[Shard]:
+        """Load shards finished earlier; return the ones still to do."""
+        todo = []
+        for name, shards in self.shards.items():
+            directory = self.layout.shards(name)
+            if storage.remove_stale_temporaries(directory):
+                logger.info("removed partial files an interrupted run left in %s", directory)
+            for shard in shards:
+                rows = read_finished_shard(self.layout.shard(name, shard.index), shard, self.model_fingerprint)
+                if rows is None:
+                    todo.append(shard)
+                else:
+                    self.rows[name][shard.index] = rows
+            if len(self.rows[name]) == len(shards):
+                self._merge(name)
+        return todo
+
+    def add(self, shard: Shard, rows: list[dict[str, Any]]) -> None:
+        if self.model_fingerprint:
+            rows = [{**row, MODEL_FINGERPRINT: self.model_fingerprint} for row in rows]
+        storage.write_bytes_atomic(self.layout.shard(shard.benchmark, shard.index), _jsonl_bytes(rows))
+        self.rows[shard.benchmark][shard.index] = rows
+        if len(self.rows[shard.benchmark]) == len(self.shards[shard.benchmark]):
+            self._merge(shard.benchmark)
+
+    def _merge(self, benchmark: str) -> None:
+        rows = self.benchmark_rows(benchmark)
+        storage.write_bytes_atomic(self.layout.predictions(benchmark), _jsonl_bytes(rows))
+        logger.info("%s: %d predictions in %s", benchmark, len(rows), self.layout.predictions(benchmark))
+
+    def benchmark_rows(self, benchmark: str) -> list[dict[str, Any]]:
+        finished = self.rows[benchmark]
+        return [row for index in sorted(finished) for row in finished[index]]
