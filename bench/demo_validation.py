@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from lightreasoner_ray.runs.demo import VARIANTS, cache_dir, claim_output_dir, demo_config, pair_fingerprint, run_demo
+from lightreasoner_ray.io.layout import cache_root
+from lightreasoner_ray.runs.demo import VARIANTS, claim_output_dir, demo_config, pair_fingerprint, run_demo
 from lightreasoner_ray.io.layout import REJECTION_SFT as REJECTION_DIR
 from lightreasoner_ray.toy.pair import build_toy_pair
 
@@ -39,7 +40,7 @@ def report_on_test(lr: float, overrides: list[str]) -> None:
                           *overrides])
     if not output_dir.exists():
         output_dir.mkdir(parents=True)
-        claim_output_dir(config, pair_fingerprint(build_toy_pair(cache_dir() / "toy_pair")))
+        claim_output_dir(config, pair_fingerprint(build_toy_pair(cache_root() / "toy_pair")))
         for shared in ("all_steps", REJECTION_DIR, *(f"{name}-seed0" for name in VARIANTS)):
             (output_dir / shared).symlink_to((validation / shared).resolve(), target_is_directory=True)
     run_demo(config)
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> None:
         config = demo_config(["demo.eval_split=validation", "demo.seeds=[0]", "demo.rounds=1", f"train.lr={lr}",
                               f"output_dir={output_dir}", *overrides])
         if lr != lrs[0] and not output_dir.exists():
-            claim_output_dir(config, pair_fingerprint(build_toy_pair(cache_dir() / "toy_pair")))
+            claim_output_dir(config, pair_fingerprint(build_toy_pair(cache_root() / "toy_pair")))
             for shared in ("all_steps", REJECTION_DIR):
                 (output_dir / shared).symlink_to((first / shared).resolve(), target_is_directory=True)
         report = run_demo(config)

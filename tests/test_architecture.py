@@ -122,7 +122,7 @@ HEAVY_PACKAGES = {"ray", "vllm", "deepspeed", "peft", "transformers", "torch", "
                   "mlflow", "tensorboard", "wandb", "matplotlib", "sympy"}
 
 
-def _module_files() -> dict[str, "Path"]:
+def _module_files() -> dict:
     root = REPO_ROOT / PACKAGE
     return {".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__"): path
             for path in root.rglob("*.py")}

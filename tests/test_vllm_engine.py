@@ -157,7 +157,8 @@ def test_an_adapter_evaluates_the_same_through_vllm_and_hf(vllm_pair, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from lightreasoner_ray.stages.evaluation.stage import run_evaluation
-    from lightreasoner_ray.engines.vllm import adapter_fingerprint, cache_root
+    from lightreasoner_ray.engines.vllm import adapter_fingerprint
+    from lightreasoner_ray.io.layout import cache_root
 
     base = AutoModelForCausalLM.from_pretrained(vllm_pair["expert"])
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -19,7 +19,8 @@ from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes the configs' ``dtype`` keys name (besides "auto").
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Strings whose token ids must agree between an expert and an amateur tokenizer.
 _PROBE_TEXTS = (
@@ -39,7 +40,7 @@ def default_device() -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
     if name != "auto":
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -109,14 +110,20 @@ def shared_vocab_size(tokenizer: Any, *models: Any) -> int:
     return min(widths)
 
 
-def head_rows(config: ModelConfig) -> int:
-    """The LM head's rows from the model's config (no weights loaded)."""
+def read_model_config(path: str, trust_remote_code: bool = False, text: bool = True) -> Any:
+    """A model's configuration from its ``config.json`` (no weights loaded); with ``text``, the
+    language model's part of a multimodal config."""
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(config.path, trust_remote_code=config.trust_remote_code)
-    if hasattr(model_config, "get_text_config"):
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if text and hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
-    return int(model_config.vocab_size)
+    return model_config
+
+
+def head_rows(config: ModelConfig) -> int:
+    """The LM head's rows from the model's config (no weights loaded)."""
+    return int(read_model_config(config.path, config.trust_remote_code).vocab_size)
 
 
 def pair_vocab_size(expert: ModelConfig, amateur: ModelConfig) -> int:

@@ -5,11 +5,11 @@ re-tokenization), so sampling can contrast exactly what the expert generated. St
 tokens are the HF engine's (``generation.eos_token_ids``: EOS ids plus ``<|im_end|>``),
 the model's own generation defaults are ignored (no hidden repetition penalty or
 top-k), and text is decoded by the same HF tokenizer: greedy completions match
-:class:`lightreasoner_ray.engines.base.HFEngine` token for token.
+:class:`lightreasoner_ray.engines.hf.HFEngine` token for token.
 
 A PEFT adapter directory is merged into its base once and served as a plain model
 from a local cache keyed by the adapter's content (``$LIGHTREASONER_CACHE`` or
-``~/.cache/lightreasoner``, under ``merged/``).
+``~/.cache/lightreasoner_ray``, under ``merged/``).
 
 vLLM starts its engine in another process: build a :class:`VLLMEngine` inside an
 actor or a function, never at import time of a ``__main__`` module.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +30,7 @@ from lightreasoner_ray.engines.base import Completion, EngineSpec
 from lightreasoner_ray.engines.hf import load_inference_model
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import cache_root
 from lightreasoner_ray.io.model_dirs import adapter_base_path
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,6 @@ def require_vllm(key: str = "engine") -> None:
         found = False
     if not found:
         raise LightReasonerError(f"{key}=vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}")
-
-
-CACHE_ENV = "LIGHTREASONER_CACHE"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightreasoner").expanduser()
 
 
 def adapter_fingerprint(adapter_dir: str, base: str, dtype: str) -> str:
@@ -118,16 +111,15 @@ def _vllm_dtype(settings: VLLMConfig, model_dtype: str) -> str:
 
 
 def _stop_token_ids(model_dir: str, tokenizer: Any, trust_remote_code: bool) -> set[int]:
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     from lightreasoner_ray.engines.generation import eos_token_ids
+    from lightreasoner_ray.engines.models import read_model_config
 
     try:
         generation_config = GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json: the model config's eos_token_id, as HF does
-        generation_config = GenerationConfig.from_model_config(
-            AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        )
+        generation_config = GenerationConfig.from_model_config(read_model_config(model_dir, trust_remote_code, text=False))
     return eos_token_ids(SimpleNamespace(generation_config=generation_config), tokenizer)
 
 
@@ -138,16 +130,14 @@ class VLLMEngine:
         require_vllm()
         from vllm import LLM
 
-        from lightreasoner_ray.engines.models import context_length, load_tokenizer
+        from lightreasoner_ray.engines.models import context_length, load_tokenizer, read_model_config
 
         self.spec = spec
         settings = spec.vllm or VLLMConfig()
         model_dir = merged_model_dir(spec)
         self.tokenizer = load_tokenizer(ModelConfig(path=model_dir, trust_remote_code=spec.trust_remote_code), "evaluated")
         self.stop_ids = _stop_token_ids(model_dir, self.tokenizer, spec.trust_remote_code)
-        from transformers import AutoConfig
-
-        model_context = context_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code))
+        model_context = context_length(read_model_config(model_dir, spec.trust_remote_code))
         self.context = min(settings.max_model_len or model_context, model_context)
         engine_args: dict[str, Any] = dict(
             model=model_dir,

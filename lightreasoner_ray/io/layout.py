@@ -32,9 +32,21 @@ by an earlier version must still resume, so a name here changes only with a migr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from lightreasoner_ray.config import join_path
+
+CACHE_ENV = "LIGHTREASONER_CACHE"
+
+
+def cache_root() -> Path:
+    """Where this machine keeps what the package builds once and reuses across runs (the demo's
+    toy pair, vLLM's merged adapters): ``$LIGHTREASONER_CACHE``, else ``~/.cache/lightreasoner_ray``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                     "lightreasoner_ray")
+    return Path(root).expanduser()
 
 # Record files (a stage's record sits beside what it describes).
 SAMPLING_SETTINGS = "sampling_settings.json"

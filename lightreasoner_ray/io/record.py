@@ -207,6 +207,8 @@ class StageRecord:
     compare_dropped: bool = False
     # How a refusal names one change (the demo lists the changed keys alone).
     describe: Callable[[str, Any, Any], str] = describe_change
+    # A record with structure of its own (training's provenance) compares itself: (recorded) -> changes.
+    compare: Optional[Callable[[dict[str, Any]], list[str]]] = None
 
     def read(self) -> Optional[dict[str, Any]]:
         return read_record(self.path)
@@ -228,6 +230,8 @@ class StageRecord:
 
     def changes(self, recorded: dict[str, Any], missing: Any = None) -> list[str]:
         """What differs from ``recorded`` (``describe`` phrases; empty when nothing does)."""
+        if self.compare is not None:
+            return self.compare(recorded)
         return [self.describe(key, recorded.get(key, missing), self.settings.get(key, missing))
                 for key in self.changed_keys(recorded, missing)]
 

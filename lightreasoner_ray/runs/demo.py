@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from lightreasoner_ray.data.sample_sets import random_steps, select_by_beta, sft
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import weights_fingerprint
-from lightreasoner_ray.io.layout import DEMO_SETTINGS, LOGS, RunLayout
+from lightreasoner_ray.io.layout import DEMO_SETTINGS, LOGS, RunLayout, cache_root
 from lightreasoner_ray.io.record import StageRecord
 from lightreasoner_ray.runs.demo_report import demo_markdown, demo_report, hasty_slips, write_demo_report
 from lightreasoner_ray.runs.rounds import next_expert, round_config
@@ -48,13 +47,6 @@ logger = logging.getLogger(__name__)
 VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
 # What the command itself writes into output_dir before the demo starts (console logs, tracking stores).
 RUN_RECORDS = {LOGS, "mlflow.db", "mlruns", "tensorboard", "wandb"}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LIGHTREASONER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lightreasoner_ray"
-    )
-    return Path(root)
 
 
 def demo_defaults() -> dict[str, Any]:
@@ -131,7 +123,7 @@ def run_demo(config: Config) -> dict[str, Any]:
     # Ray starts before any stage is timed, so its start-up is charged to no variant.
     init_ray(config.ray)
 
-    pair = _timed("build_pair", timings, build_toy_pair, cache_dir() / ("toy_pair_quick" if demo.quick else "toy_pair"),
+    pair = _timed("build_pair", timings, build_toy_pair, cache_root() / ("toy_pair_quick" if demo.quick else "toy_pair"),
                   spec=quick_pair_spec() if demo.quick else None)
     claim_output_dir(config, pair_fingerprint(pair))
     # Round r trains on problems [(r - 1) n, r n) of one draw: every round's problems are fresh.

@@ -9,7 +9,6 @@ see a half-written directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -20,12 +19,11 @@ import torch
 
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.engines.models import DTYPES, check_model_path, read_model_config
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.model_dirs import adapter_base_path
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def export_paths(config: Config) -> tuple[str, str]:
     """(adapter directory, merged model directory) after applying the defaults."""
@@ -35,28 +33,24 @@ def export_paths(config: Config) -> tuple[str, str]:
 
 
 def _adapter_base(adapter: Path) -> str:
-    adapter_config = adapter / "adapter_config.json"
-    if not adapter_config.is_file():
+    """The base model the adapter names ("" when it names none), or why ``adapter`` is not an adapter."""
+    base = adapter_base_path(str(adapter), required=False)
+    if base is None:
         if (adapter / "config.json").is_file():
             raise LightReasonerError(
                 f"{adapter} is already a full model (config.json, no adapter_config.json): there is no adapter "
                 "to merge. Full fine-tuning (train.lora.enabled=false) writes a standalone model directly."
             )
         raise LightReasonerError(f"export.adapter: {adapter} has no adapter_config.json (is it a PEFT adapter?)")
-    try:
-        return str(json.loads(adapter_config.read_text())["base_model_name_or_path"] or "")
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise LightReasonerError(f"{adapter_config} is not a valid PEFT adapter config: {exc}") from None
+    return base
 
 
 def _load_dtype(requested: str, base: str, trust_remote_code: bool) -> torch.dtype:
     if requested != "auto":
-        return _DTYPES[requested]
-    from transformers import AutoConfig
-
-    stored = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
+        return DTYPES[requested]
+    stored = getattr(read_model_config(base, trust_remote_code), "dtype", None)
     if isinstance(stored, str):
-        stored = _DTYPES.get(stored)
+        stored = DTYPES.get(stored)
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
@@ -64,8 +58,6 @@ def run_export(config: Config) -> dict[str, Any]:
     """Merge the adapter into its base model and save the result; return what was done."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lightreasoner_ray.engines.models import check_model_path
 
     started = time.time()
     adapter_path, output_path = export_paths(config)

@@ -9,15 +9,18 @@ from typing import Any
 from lightreasoner_ray.config import Config
 from lightreasoner_ray.data.problems import gold_answers, load_problems
 from lightreasoner_ray.data.prompts import prompt_ids
-from lightreasoner_ray.engines.models import check_model_path, check_tokenizers_compatible, load_tokenizer
+from lightreasoner_ray.engines.models import (
+    check_model_path,
+    check_tokenizers_compatible,
+    context_length,
+    load_tokenizer,
+    read_model_config,
+)
 from lightreasoner_ray.errors import LightReasonerError
 
 
 def _model_context(path: str, trust_remote_code: bool) -> int:
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return int(getattr(model_config, "max_position_embeddings", 0) or 1 << 30)
+    return context_length(read_model_config(path, trust_remote_code))
 
 
 def prepare_problems(config: Config, with_answers: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:

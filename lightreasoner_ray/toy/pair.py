@@ -6,7 +6,7 @@ the **expert** clearly stronger but imperfect and the **amateur** weak, the way
 Qwen2.5-Math-1.5B relates to Qwen2.5-0.5B, so that their contrast is informative
 and the expert has room to improve::
 
-    pair = build_toy_pair("~/.cache/lightreasoner/toy-pair")
+    pair = build_toy_pair("~/.cache/lightreasoner_ray/toy_pair")
     pair.expert_path, pair.amateur_path          # Hugging Face model dirs (+ tokenizer)
     pair.expert_accuracy, pair.amateur_accuracy  # greedy, held-out test split
 

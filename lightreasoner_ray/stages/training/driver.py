@@ -23,7 +23,7 @@ from ray.train import DataConfig
 
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.data.samples import TRAIN_COLUMNS, SamplesInfo, check_samples, import_reference_jsonl
-from lightreasoner_ray.engines.models import check_model_path, head_rows, load_tokenizer
+from lightreasoner_ray.engines.models import check_model_path, context_length, head_rows, load_tokenizer, read_model_config
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import (
@@ -33,6 +33,7 @@ from lightreasoner_ray.io.fingerprints import (
 from lightreasoner_ray.io.layout import SAMPLING_SETTINGS, RunLayout
 from lightreasoner_ray.io.record import (
     PROVENANCE_FILE,
+    StageRecord,
     TrainingProvenance,
     read_record,
     refusal,
@@ -185,7 +186,7 @@ def training_done(config: Config) -> dict[str, Any] | None:
     if not storage.exists(path) or not storage.exists(model_dir):
         return None
     summary = storage.read_json(path)
-    record = read_record(join_path(model_dir, PROVENANCE_FILE))
+    record = read_record(layout.model_provenance)
     if summary.get("steps") != config.train.max_steps or record is None or record.get("step") != config.train.max_steps:
         return None
     changes = current_training_provenance(config).changes_from(TrainingProvenance.from_dict(record.get("training") or {}))
@@ -202,21 +203,19 @@ def claim_checkpoints(config: Config, provenance: TrainingProvenance) -> None:
     rewritten: there is nothing to mix.
     """
     directory = checkpoints_dir(config)
-    record_path = join_path(directory, PROVENANCE_FILE)
-    recorded = read_record(record_path)
-    has_checkpoints = _has_checkpoints(directory)
-    if recorded is not None and has_checkpoints:
-        changes = provenance.changes_from(TrainingProvenance.from_dict(recorded))
-        if changes:
-            raise refusal(f"the checkpoints in {directory}", changes, config.output_dir, "train")
-        return
-    if has_checkpoints:
+    record = StageRecord(RunLayout(config.output_dir).checkpoints_provenance, provenance.to_dict(),
+                         compare=lambda recorded: provenance.changes_from(TrainingProvenance.from_dict(recorded)))
+
+    def unrecorded() -> None:
         raise LightReasonerError(
             f"the checkpoints in {directory} have no {PROVENANCE_FILE} (made by an older version?), so nothing "
             "says which samples and settings they came from. To proceed, use a new output_dir, or re-run with "
             f"`lightreasoner train --restart` to discard them and start over in {config.output_dir}."
         )
-    storage.write_json_atomic(record_path, provenance.to_dict())
+
+    record.claim(_has_checkpoints(directory),
+                 lambda changes: refusal(f"the checkpoints in {directory}", changes, config.output_dir, "train"),
+                 unrecorded=unrecorded)
 
 
 def _has_checkpoints(directory: str) -> bool:
@@ -229,18 +228,14 @@ def _has_checkpoints(directory: str) -> bool:
 
 def model_vocab_and_context(config: Config) -> tuple[int, int]:
     """The expert's logit width and context length, from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
     try:
-        model_config = AutoConfig.from_pretrained(config.expert.path, trust_remote_code=config.expert.trust_remote_code)
+        text_config = read_model_config(config.expert.path, config.expert.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise LightReasonerError(f"cannot read the expert's config from {config.expert.path}: {exc}") from None
-    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
     vocab_size = int(getattr(text_config, "vocab_size", 0) or 0)
     if vocab_size <= 0:
         raise LightReasonerError(f"the expert's config in {config.expert.path} has no vocab_size")
-    context = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
-    return vocab_size, context
+    return vocab_size, context_length(text_config)
 
 
 def check_lora_targets(config: Config) -> None:
