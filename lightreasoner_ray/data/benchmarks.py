@@ -16,7 +16,6 @@ file is not on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from lightreasoner_ray.config import BENCHMARKS, PAPER_BENCHMARKS  # noqa: F401 (PAPER_BENCHMARKS re-exported)
 from lightreasoner_ray.core.grading import last_boxed
+from lightreasoner_ray.data.jsonl import jsonl_rows
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
@@ -112,30 +112,14 @@ def resolve_benchmark_name(name: str, data_dir: str | Path | None = None) -> str
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` for each non-blank line of a JSONL file."""
-    path = Path(path)
-    try:
-        handle = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise LightReasonerError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise LightReasonerError(f"{path}: cannot read ({exc.strerror})") from None
-    with handle:
-        try:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LightReasonerError(
-                        f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise LightReasonerError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                yield line_no, row
-        except UnicodeDecodeError as exc:
-            raise LightReasonerError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file; a bad line is fatal
+    (a benchmark is graded whole)."""
+    for line_no, row, error in jsonl_rows(path):
+        if error:
+            raise LightReasonerError(f"{path}:{line_no}: {error}")
+        if not isinstance(row, dict):
+            raise LightReasonerError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        yield line_no, row
 
 
 def load_benchmark(

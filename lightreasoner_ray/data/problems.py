@@ -20,11 +20,14 @@ from typing import Any, Iterator
 from lightreasoner_ray.config import DataConfig
 from lightreasoner_ray.core.grading import last_boxed
 from lightreasoner_ray.data.benchmarks import gsm8k_final_answer
+from lightreasoner_ray.data.jsonl import jsonl_rows
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
+# Not the benchmarks' order (data.benchmarks): each decides the ids already recorded in samples and
+# predictions, so changing either would stop existing output_dirs from resuming.
 ID_FIELDS = ("id", "idx", "unique_id", "problem_id")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")
 
@@ -63,15 +66,8 @@ def _iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             raise LightReasonerError(f"{path}: a JSON problems file must hold a list of objects")
         for number, row in enumerate(rows, start=1):
             yield number, row, None
-    else:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield number, None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+    else:  # a malformed line is skipped and counted, as a row without a question is
+        yield from jsonl_rows(path)
 
 
 def _hub_rows(name: str, subset: str, split: str) -> Iterator[tuple[int, Any, str | None]]:
