@@ -24,7 +24,6 @@ from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
 from lightreasoner_ray.data.samples import trajectories_from_table
 from lightreasoner_ray.core.update_plan import collate
 
-pytestmark = pytest.mark.slow
 
 MAX_STEPS = 16
 # 24 steps per worker and update: two micro-batches of at most 16 on each of the 2 workers.
@@ -96,6 +95,7 @@ def zero2_run(tiny_pair, sampled, ray_local, tmp_path_factory):
     return {"config": config, "summary": run_training(config), "output_dir": output_dir}
 
 
+@pytest.mark.slow
 def test_zero2_lora_trains_and_the_adapter_beats_the_base(tiny_pair, sampled, zero2_run):
     summary, output_dir = zero2_run["summary"], zero2_run["output_dir"]
     rows = metrics(output_dir)
@@ -115,6 +115,7 @@ def test_zero2_lora_trains_and_the_adapter_beats_the_base(tiny_pair, sampled, ze
     assert mean_kl(load_adapter(tiny_pair, model_dir), sampled["dir"]) < mean_kl(load_base(tiny_pair), sampled["dir"])
 
 
+@pytest.mark.slow
 def test_zero3_lora_stops_at_a_nonfinite_loss_and_a_rerun_resumes_and_trains(
     tiny_pair, sampled, ray_local, monkeypatch, tmp_path
 ):
@@ -157,6 +158,7 @@ def synthetic_rows(tokenizer, questions, step_counts, seed=0) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(tiny_pair, sampled, ray_local, tmp_path):
     """Two trajectories of 3 and 9 steps, an update of 12 steps in micro-batches of one step: the 9-step
     trajectory is split across micro-batches and workers, and the first update's gradient must be
@@ -191,6 +193,7 @@ def test_full_finetuning_takes_the_mean_over_the_update_and_saves_an_hf_model(ti
     assert mean_kl(trained, samples) < mean_kl(load_base(tiny_pair), samples) * 0.8
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_train_the_same_updates(tiny_pair, sampled, ray_local, tmp_path):
     """One global order of steps: 1 worker (4 micro-batches of <= 5 steps an update) and 2 workers (2 each)
     train the same 16 steps in every update, so their losses and gradient norms agree."""
@@ -213,6 +216,7 @@ def test_one_and_two_workers_train_the_same_updates(tiny_pair, sampled, ray_loca
     assert len({round(row["loss"], 4) for row in one}) == 6  # the updates differ from each other
 
 
+@pytest.mark.slow
 def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -232,6 +236,7 @@ def test_export_merges_the_adapter_into_a_standalone_model(tiny_pair, zero2_run,
         run_export(load_config(None, [f"output_dir={tmp_path}", f"export.adapter={tmp_path / 'merged'}"]))
 
 
+@pytest.mark.slow
 def test_a_worker_failure_resumes_from_the_checkpoint_without_repeating_updates(
     tiny_pair, sampled, zero2_run, monkeypatch, tmp_path
 ):
