@@ -5,7 +5,7 @@
 Every variant trains the same model from the same weights on the same soft labels with
 the same optimizer and update size (``--steps-per-update`` 16 selected steps, at most
 ``--micro-batch-steps`` 8 per forward micro-batch, as the reference's 8 x grad-accum 2):
-(1) packed (this project's trainer, ``train_data.UpdatePlan``): selected steps of one
+(1) packed (this project's trainer, ``core.update_plan.UpdatePlan``): selected steps of one
 trajectory share one forward pass, the LM head applied at the selected positions only;
 (2) the reference's batching (HKUDS/LightReasoner ``LightR_finetuning.py``, re-implemented
 for timing): every selected step its own sequence (prompt + completion prefix), 8

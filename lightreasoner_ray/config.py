@@ -196,7 +196,7 @@ class TrainConfig:
     lr: float = 5e-5
     # Selected steps in one optimizer update across ALL workers, whatever their number
     # (the reference: 8 a batch x grad-accum 2 = 16). The micro-batches per worker and
-    # update (DeepSpeed's gradient_accumulation_steps) follow from it: see train_data.UpdatePlan.
+    # update (DeepSpeed's gradient_accumulation_steps) follow from it: see core.update_plan.UpdatePlan.
     steps_per_update: int = 16
     # The most selected steps one forward micro-batch trains (a memory cap; a longer
     # trajectory is split across micro-batches).

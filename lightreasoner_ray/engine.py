@@ -6,4 +6,4 @@ from lightreasoner_ray.engines.base import Completion, EngineFactory, EngineSpec
 from lightreasoner_ray.engines.hf import HFEngine, check_inference_model, load_inference_model  # noqa: F401
 from lightreasoner_ray.engines.registry import factory_name, resolve_engine_factory  # noqa: F401
 from lightreasoner_ray.engines.vllm import VLLM_INSTALL_HINT, require_vllm  # noqa: F401
-from lightreasoner_ray.io.model_dirs import adapter_base_path  # noqa: F401
+from lightreasoner_ray.io.model_dirs import ADAPTER_CONFIG, adapter_base_path  # noqa: F401

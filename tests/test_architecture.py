@@ -88,8 +88,8 @@ BLOCKER = """
 import importlib.abc, sys
 class Blocked(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {'ray', 'deepspeed', 'vllm'}:
-            raise ImportError(f'{name} is blocked: this machine has no Ray, DeepSpeed or vLLM')
+        if name.split('.')[0] in {'ray', 'deepspeed', 'vllm', 'pyarrow'}:
+            raise ImportError(f'{name} is blocked: this machine has no Ray, DeepSpeed, vLLM or pyarrow')
 sys.meta_path.insert(0, Blocked())
 import pkgutil, importlib
 import lightreasoner_ray.core, lightreasoner_ray.engines
@@ -99,13 +99,14 @@ for package in (lightreasoner_ray.core, lightreasoner_ray.engines):
         importlib.import_module(info.name)
         names.append(info.name)
 import lightreasoner_ray.engines.base as base
+from lightreasoner_ray.engine import EngineSpec, HFEngine, resolve_engine_factory
 from lightreasoner_ray.core.contrast import contrast_positions
-assert 'ray' not in sys.modules and 'deepspeed' not in sys.modules, sorted(sys.modules)
+assert not {'ray', 'deepspeed', 'pyarrow'} & set(sys.modules), sorted(sys.modules)
 print(len(names))
 """
 
 
-def test_core_and_engines_import_without_ray_deepspeed_or_vllm():
+def test_core_and_engines_import_without_ray_deepspeed_vllm_or_pyarrow():
     result = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.strip().splitlines()[-1]) >= 10  # every core and engines module was imported

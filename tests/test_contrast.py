@@ -111,7 +111,7 @@ def test_selection_is_validated_and_recorded_so_a_resume_with_another_rule_is_re
     from lightreasoner_ray.config import load_config
     from lightreasoner_ray.stages.sampling.stage import sampling_settings
     from lightreasoner_ray.io.layout import RunLayout
-    from lightreasoner_ray.io.record import check_sampling_settings
+    from lightreasoner_ray.stages.samples_record import check_sampling_settings
 
     from conftest import REPO_ROOT
 

@@ -24,13 +24,9 @@ from lightreasoner_ray.io.fingerprints import (
     samples_fingerprint,
     weights_fingerprint,
 )
-from lightreasoner_ray.io.record import (
-    PROVENANCE_FILE,
-    RESUMABLE_TRAIN_KEYS,
-    TrainingProvenance,
-    remove_path,
-    shaping_train_settings,
-)
+from lightreasoner_ray.io.layout import PROVENANCE as PROVENANCE_FILE
+from lightreasoner_ray.io.record import remove_path
+from lightreasoner_ray.stages.training.provenance import RESUMABLE_TRAIN_KEYS, TrainingProvenance, shaping_train_settings
 
 
 # ---- fingerprints ---------------------------------------------------------------------

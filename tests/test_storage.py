@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightreasoner_ray.io import storage
+from lightreasoner_ray.io import local_dirs, storage
 
 
 def _tree(root, files: dict[str, str]):
@@ -16,22 +16,22 @@ def _tree(root, files: dict[str, str]):
 
 def test_replace_directory_swaps_in_the_new_tree_and_leaves_no_hidden_siblings(tmp_path):
     target = tmp_path / "model"
-    staging = _tree(storage.staging_path(target), {"a": "new"})
+    staging = _tree(local_dirs.staging_path(target), {"a": "new"})
     assert staging.parent == tmp_path and staging.name.startswith(".model.") and staging.name.endswith(".tmp")
-    storage.replace_directory(staging, target)  # no target yet
+    local_dirs.replace_directory(staging, target)  # no target yet
     assert (target / "a").read_text() == "new"
 
     _tree(target / "sub", {"old": "x"})
-    storage.replace_directory(_tree(storage.staging_path(target), {"b": "newer"}), target)
+    local_dirs.replace_directory(_tree(local_dirs.staging_path(target), {"b": "newer"}), target)
     assert sorted(p.name for p in target.iterdir()) == ["b"]  # the old tree went whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no .tmp or .old left
 
 
 def test_replace_directory_can_keep_what_another_process_published(tmp_path):
     target = _tree(tmp_path / "cache", {"config.json": "first"})
-    staging = _tree(storage.staging_path(target), {"config.json": "second"})
+    staging = _tree(local_dirs.staging_path(target), {"config.json": "second"})
     with pytest.raises(OSError):
-        storage.replace_directory(staging, target, keep_existing=True)
+        local_dirs.replace_directory(staging, target, keep_existing=True)
     assert (target / "config.json").read_text() == "first" and staging.is_dir()
 
 

@@ -10,10 +10,10 @@ import logging
 import threading
 from pathlib import Path
 
-import pytest
-
 from conftest import requires_extra
+
 from lightreasoner_ray.config import load_config
+from lightreasoner_ray.stages.training.metrics_log import train_row_metrics
 from lightreasoner_ray.ui import tracking
 
 
@@ -30,7 +30,7 @@ def test_a_summary_yields_its_finite_numbers_only():
         "sampling/counts.problems": 8.0, "sampling/counts.selection_ratio": 0.25, "sampling/time": 1.5,
     }
     row = {"step": 3, "loss": 0.5, "lr": 1e-4, "grad_norm": float("nan"), "selected_steps": 12, "other": 7, "tokens_per_s": True}
-    assert tracking.train_row_metrics(row) == {"train/loss": 0.5, "train/lr": 1e-4, "train/selected_steps": 12.0}
+    assert train_row_metrics(row) == {"train/loss": 0.5, "train/lr": 1e-4, "train/selected_steps": 12.0}
 
 
 def test_the_follower_hands_on_each_new_update_once_in_order(tmp_path):

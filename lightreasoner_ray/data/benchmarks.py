@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from lightreasoner_ray.config import BENCHMARKS, PAPER_BENCHMARKS  # noqa: F401 (PAPER_BENCHMARKS re-exported)
+from lightreasoner_ray.config import BENCHMARKS, PAPER_BENCHMARKS  # noqa: F401 (PAPER_BENCHMARKS: re-exported)
 from lightreasoner_ray.core.grading import last_boxed
 from lightreasoner_ray.data.jsonl import jsonl_rows
 from lightreasoner_ray.errors import LightReasonerError

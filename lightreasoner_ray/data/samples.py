@@ -16,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightreasoner_ray.config import SAMPLING_SYSTEM_PROMPT, join_path
+from lightreasoner_ray.config import SAMPLING_SYSTEM_PROMPT
 from lightreasoner_ray.core.update_plan import Trajectory, trajectory_from_row
 from lightreasoner_ray.data.prompts import chat_messages
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def import_reference_jsonl(path: str, tokenizer: Any, vocab_size: int, output_di
     """
     data = _read_samples_file(path)
     digest = hashlib.sha256(data + b"\0" + model_path.encode()).hexdigest()[:12]
-    directory = join_path(output_dir, "imported_samples", f"{Path(path).stem}-{digest}")
+    directory = RunLayout(output_dir).imported_samples(f"{Path(path).stem}-{digest}")
     if storage.list_parquet_files(directory):
         logger.info("reusing %s, imported earlier from %s", directory, path)
         return directory

@@ -31,8 +31,6 @@ from lightreasoner_ray.config import VLLMConfig
 
 logger = logging.getLogger(__name__)
 
-ENGINE_NAMES = ("hf", "vllm")
-
 
 @dataclass(frozen=True)
 class EngineSpec:

@@ -29,8 +29,8 @@ from lightreasoner_ray.config import ModelConfig, VLLMConfig
 from lightreasoner_ray.engines.base import Completion, EngineSpec
 from lightreasoner_ray.engines.hf import load_inference_model
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import cache_root
+from lightreasoner_ray.io.local_dirs import replace_directory, staging_path
 from lightreasoner_ray.io.model_dirs import adapter_base_path
 
 logger = logging.getLogger(__name__)
@@ -76,12 +76,12 @@ def merged_model_dir(spec: EngineSpec) -> str:
         logger.info("adapter %s: merged model cached at %s", spec.model_path, target)
         return str(target)
     tokenizer, model = load_inference_model(spec)  # merged, in the dtype the HF engine would use
-    staging = storage.staging_path(target)
+    staging = staging_path(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
-            storage.replace_directory(staging, target, keep_existing=True)
+            replace_directory(staging, target, keep_existing=True)
         except OSError:  # another actor merged the same adapter first
             if not (target / "config.json").is_file():
                 raise

@@ -74,6 +74,10 @@ DEMO_DATA = "data"
 DEMO_ALL_STEPS = "all_steps"
 DEMO_ROUND_TRAINING = "train"
 LOGS = "logs"
+# Tracking's default stores under output_dir (tracking.uri empty); W&B keeps its files in its own "wandb".
+MLFLOW_DB, MLFLOW_ARTIFACTS, TENSORBOARD, WANDB = "mlflow.db", "mlruns", "tensorboard", "wandb"
+# What a command writes into output_dir before any stage runs (console logs, tracking stores).
+RUN_RECORDS = frozenset({LOGS, MLFLOW_DB, MLFLOW_ARTIFACTS, TENSORBOARD, WANDB})
 IMPORTED_SAMPLES = "imported_samples"
 RESULTS = "results"  # results.json, results.md, results.png
 SHARD = "shard-{index:05d}.jsonl"

@@ -10,11 +10,8 @@ from lightreasoner_ray.errors import LightReasonerError
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def adapter_base_path(path: str, required: bool = True) -> str | None:
-    """The base model of a PEFT adapter directory, or None when ``path`` is not one.
-
-    A missing or empty base is an error unless not ``required`` (then ``""``: the caller names one).
-    """
+def adapter_base_path(path: str) -> str | None:
+    """The base model of a PEFT adapter directory, or None when ``path`` is not one."""
     config_file = Path(path).expanduser() / ADAPTER_CONFIG
     if not config_file.is_file():
         return None
@@ -22,8 +19,6 @@ def adapter_base_path(path: str, required: bool = True) -> str | None:
         base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise LightReasonerError(f"{config_file}: cannot read the adapter config ({exc})") from None
-    if not base and not required:
-        return ""
     if not base:
         raise LightReasonerError(f"{config_file}: field 'base_model_name_or_path' is missing or empty")
     return str(base)

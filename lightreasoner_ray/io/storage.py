@@ -13,12 +13,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightreasoner_ray.config import join_path
+from lightreasoner_ray.io.local_dirs import replace_directory, staging_path
 
 
 def is_uri(path: str) -> bool:
@@ -125,31 +126,6 @@ def remove_stale_temporaries(directory: str) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
-
-
-def staging_path(target: Union[str, Path]) -> Path:
-    """A hidden sibling of ``target`` to build it under: ``.<name>.<hex>.tmp``."""
-    target = Path(target)
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-
-
-def replace_directory(staging: Union[str, Path], target: Union[str, Path], keep_existing: bool = False) -> None:
-    """Move the finished local directory ``staging`` to ``target``: readers see the old directory or the new one.
-
-    An existing ``target`` is renamed aside to a hidden ``.<name>.<hex>.old`` sibling, the
-    staging directory renamed into its place, and the old one deleted. With ``keep_existing``
-    (a cache keyed by content, where whatever is already there holds the same thing) an
-    existing non-empty ``target`` is left alone and the rename's OSError propagates.
-    """
-    staging, target = Path(staging), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if keep_existing or not target.exists():
-        os.replace(staging, target)
-        return
-    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-    os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def publish_directory(source: str, destination: str, extra_files: Optional[dict[str, bytes]] = None) -> None:

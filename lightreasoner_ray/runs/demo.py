@@ -31,7 +31,7 @@ from lightreasoner_ray.data.sample_sets import random_steps, select_by_beta, sft
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import weights_fingerprint
-from lightreasoner_ray.io.layout import DEMO_SETTINGS, LOGS, RunLayout, cache_root
+from lightreasoner_ray.io.layout import DEMO_SETTINGS, RUN_RECORDS, RunLayout, cache_root
 from lightreasoner_ray.io.record import StageRecord
 from lightreasoner_ray.runs.demo_report import demo_markdown, demo_report, hasty_slips, write_demo_report
 from lightreasoner_ray.runs.rounds import next_expert, round_config
@@ -45,8 +45,6 @@ from lightreasoner_ray.ui.tracking import tracked_stage
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
-# What the command itself writes into output_dir before the demo starts (console logs, tracking stores).
-RUN_RECORDS = {LOGS, "mlflow.db", "mlruns", "tensorboard", "wandb"}
 
 
 def demo_defaults() -> dict[str, Any]:
@@ -318,7 +316,8 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     directory = Path(config.output_dir)
     # The refusal lists the changed keys alone (the settings are many; the record has their values).
     record = StageRecord(RunLayout(config.output_dir).demo_settings, settings, compare_dropped=True,
-                         describe=lambda key, before, after: key)
+                         missing="<missing>", describe=lambda key, before, after: key,
+                         unreadable_is_unrecorded=True)
     path = record.path
 
     def refuse(changed: list[str]) -> LightReasonerError:

@@ -30,7 +30,7 @@ TITLES = {
 def title(name: str) -> str:
     if name.startswith("lightreasoner_round"):
         return f"expert + LightReasoner, round {name.removeprefix('lightreasoner_round')}"
-    return TITLES.get(name, name)
+    return TITLES[name]
 
 
 def hasty_slips(evaluation: Config, test_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

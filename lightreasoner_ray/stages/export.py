@@ -9,6 +9,7 @@ see a half-written directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -17,32 +18,39 @@ from typing import Any
 
 import torch
 
-from lightreasoner_ray.config import Config, join_path
-from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.config import Config
 from lightreasoner_ray.engines.models import DTYPES, check_model_path, read_model_config
-from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.model_dirs import adapter_base_path
+from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io import local_dirs
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.io.model_dirs import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
 def export_paths(config: Config) -> tuple[str, str]:
     """(adapter directory, merged model directory) after applying the defaults."""
-    adapter = config.export.adapter or join_path(config.output_dir, "model")
-    output = config.export.output or join_path(config.output_dir, "merged")
+    layout = RunLayout(config.output_dir)
+    adapter = config.export.adapter or layout.model
+    output = config.export.output or layout.merged
     return adapter, output
 
 
 def _adapter_base(adapter: Path) -> str:
-    """The base model the adapter names ("" when it names none), or why ``adapter`` is not an adapter."""
-    base = adapter_base_path(str(adapter), required=False)
-    if base is None:
+    """The base model the adapter names ("" when it names none: expert.path then names it), or why
+    ``adapter`` is not an adapter. Stricter than io.model_dirs.adapter_base_path on purpose: export
+    refuses a config without the field rather than merge into a guess."""
+    adapter_config = adapter / ADAPTER_CONFIG
+    if not adapter_config.is_file():
         if (adapter / "config.json").is_file():
             raise LightReasonerError(
                 f"{adapter} is already a full model (config.json, no adapter_config.json): there is no adapter "
                 "to merge. Full fine-tuning (train.lora.enabled=false) writes a standalone model directly."
             )
         raise LightReasonerError(f"export.adapter: {adapter} has no adapter_config.json (is it a PEFT adapter?)")
-    return base
+    try:
+        return str(json.loads(adapter_config.read_text())["base_model_name_or_path"] or "")
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise LightReasonerError(f"{adapter_config} is not a valid PEFT adapter config: {exc}") from None
 
 
 def _load_dtype(requested: str, base: str, trust_remote_code: bool) -> torch.dtype:
@@ -84,11 +92,11 @@ def run_export(config: Config) -> dict[str, Any]:
 
     target = Path(output_path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = storage.staging_path(target)
+    staging = local_dirs.staging_path(target)
     try:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        storage.replace_directory(staging, target)
+        local_dirs.replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = {

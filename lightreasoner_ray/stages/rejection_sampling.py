@@ -36,9 +36,10 @@ from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import settings_fingerprint, weights_fingerprint
 from lightreasoner_ray.io.layout import RunLayout
-from lightreasoner_ray.io.record import StageRecord, check_sampling_settings, remove_path, restart_stage
+from lightreasoner_ray.io.record import StageRecord, remove_path, restart_stage
 from lightreasoner_ray.stages.problem_prompts import prepare_problems
 from lightreasoner_ray.stages.ray_helpers import actor_pool_map, init_ray, write_batches
+from lightreasoner_ray.stages.samples_record import check_sampling_settings
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)

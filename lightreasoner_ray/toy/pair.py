@@ -53,7 +53,7 @@ import torch
 from lightreasoner_ray.core.schedule import lr_multiplier
 from lightreasoner_ray.data.prompts import prompt_ids
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.io import storage
+from lightreasoner_ray.io import local_dirs
 from lightreasoner_ray.toy.domain import boxed_answer, corpus_texts, generate_problems, hasty_answer, hasty_solution
 from lightreasoner_ray.toy.tiny_models import TinyModelSpec, build_model, train_tokenizer
 
@@ -631,7 +631,7 @@ def build_toy_pair(
                         system_prompt=SYSTEM_PROMPT, num_threads=num_threads)
         # Written last: a directory with this file holds a complete pair.
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        storage.replace_directory(staging, directory)
+        local_dirs.replace_directory(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

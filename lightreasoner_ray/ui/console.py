@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, TextIO
 
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
 
 PACKAGE_LOGGER = "lightreasoner_ray"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -97,7 +98,7 @@ def log_dir_for(output_dir: str) -> Path:
     """``<output_dir>/logs``; a local temporary directory for an object-store output_dir."""
     if storage.is_uri(output_dir):
         return Path(tempfile.gettempdir(), "lightreasoner-logs")
-    return Path(output_dir, "logs")
+    return Path(RunLayout(output_dir).logs)
 
 
 # How many stage functions deep the driver is: `run` and `demo` are 1, the stages they call 2.

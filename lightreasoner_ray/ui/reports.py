@@ -14,11 +14,12 @@ from __future__ import annotations
 import io
 from typing import Any, Iterable, Sequence
 
+from lightreasoner_ray.config import PAPER_BENCHMARKS
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import results_files
 
 # The paper's column order; math500 takes MATH's place when the full set is not used.
-PAPER_ORDER = ("gsm8k", "math", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
+PAPER_ORDER = tuple(column for name in PAPER_BENCHMARKS for column in ((name, "math500") if name == "math" else (name,)))
 TITLES = {
     "gsm8k": "GSM8K",
     "math": "MATH",

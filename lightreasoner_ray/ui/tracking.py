@@ -27,17 +27,16 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from lightreasoner_ray.config import flatten_tree
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.layout import RunLayout
-from lightreasoner_ray.ui.console import stage_scope, training_progress
+from lightreasoner_ray.io.layout import MLFLOW_ARTIFACTS, MLFLOW_DB, TENSORBOARD, WANDB
+from lightreasoner_ray.ui.console import stage_scope
 
 logger = logging.getLogger(__name__)
 
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "steps_per_s", "tokens_per_s", "selected_steps", "forward_tokens")
 FOLLOW_INTERVAL_S = 2.0
 # MLflow's limits: 100 parameters and 1000 metrics per batch call, 6000 characters a value.
 _PARAM_BATCH, _METRIC_BATCH, _PARAM_CHARS = 100, 1000, 6000
@@ -87,8 +86,8 @@ class MlflowSink:
         if not uri:
             root = Path(output_dir).resolve()
             root.mkdir(parents=True, exist_ok=True)
-            uri = f"sqlite:///{root / 'mlflow.db'}"
-            artifact_location = (root / "mlruns").as_uri()
+            uri = f"sqlite:///{root / MLFLOW_DB}"
+            artifact_location = (root / MLFLOW_ARTIFACTS).as_uri()
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(project)
         experiment_id = (
@@ -136,7 +135,7 @@ class TensorBoardSink:
 
     @classmethod
     def open(cls, uri: str, output_dir: str, name: str) -> "TensorBoardSink":
-        root = Path(uri) if uri else Path(output_dir, "tensorboard")
+        root = Path(uri) if uri else Path(output_dir, TENSORBOARD)
         logger.info("TensorBoard: event files under %s (tensorboard --logdir %s)", root / name, root)
         return cls(root / name)
 
@@ -187,7 +186,7 @@ class WandbSink:
         settings: dict[str, Any] = {"project": project, "dir": str(directory), "mode": mode}
         if uri:
             settings["settings"] = wandb.Settings(base_url=uri)
-        logger.info("W&B: project %r, %s, run files under %s", project, mode, directory / "wandb")
+        logger.info("W&B: project %r, %s, run files under %s", project, mode, directory / WANDB)
         return cls(settings, name, group=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", job_type=stage)
 
     def log_params(self, params: dict[str, str]) -> None:
@@ -311,30 +310,6 @@ class MetricsFollower:
                 continue
             self.on_row(row)
             self.last_step = step
-
-
-def train_row_metrics(row: dict[str, Any]) -> dict[str, float]:
-    return {
-        metric_name("train", key): float(row[key]) for key in TRAIN_METRICS
-        if isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool) and row[key] == row[key]
-    }
-
-
-@contextlib.contextmanager
-def following_training(config: Any, run: Optional[TrackedRun]) -> Iterator[None]:
-    """While training runs: its metrics to the tracked run, its progress to the console's bar."""
-    with training_progress(config.train.max_steps) as progress:
-        def on_row(row: dict[str, Any]) -> None:
-            if run is not None:
-                run.log_metrics(train_row_metrics(row), step=row["step"])
-            if progress is not None:
-                progress(row)
-
-        if run is None and progress is None:
-            yield
-            return
-        with MetricsFollower(on_row, RunLayout(config.output_dir).train_metrics):
-            yield
 
 
 # ------------------------------------------------------------------------ stages

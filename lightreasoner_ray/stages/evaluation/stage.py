@@ -110,10 +110,6 @@ def load_benchmarks(eval_config: EvalConfig) -> dict[str, list[dict[str, Any]]]:
     return loaded
 
 
-def eval_dir(config: Config) -> str:
-    return RunLayout(config.output_dir).eval
-
-
 # ---- the stage ------------------------------------------------------------------------
 
 

@@ -25,10 +25,6 @@ logger = logging.getLogger(__name__)
 MODEL_FINGERPRINT = "model_fingerprint"
 
 
-def predictions_path(model_dir: str, benchmark: str) -> str:
-    return EvalModelLayout(model_dir).predictions(benchmark)
-
-
 def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
     """The rows of a JSONL file, local or URI; a bad file raises OSError or ValueError (its caller recomputes it)."""
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
@@ -73,6 +69,8 @@ def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
         informational=frozenset({"model_path"}), identity=frozenset({MODEL_FINGERPRINT}),
         # Greedy decoding leaves the sampling keys out, so going back to it is a change too.
         compare_dropped=True,
+        # Predictions are re-made cheaply: an unreadable record is as good as none.
+        unreadable_is_unrecorded=True,
     )
 
     def refuse(_changes: list[str]) -> LightReasonerError:

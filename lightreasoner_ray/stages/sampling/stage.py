@@ -22,9 +22,10 @@ from lightreasoner_ray.engines.registry import resolve_engine_factory
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import weights_fingerprint
 from lightreasoner_ray.io.layout import RunLayout
-from lightreasoner_ray.io.record import check_sampling_settings, restart_stage
+from lightreasoner_ray.io.record import restart_stage
 from lightreasoner_ray.stages.problem_prompts import prepare_problems
 from lightreasoner_ray.stages.ray_helpers import actor_pool_map, init_ray, write_batches
+from lightreasoner_ray.stages.samples_record import check_sampling_settings
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)

@@ -23,29 +23,29 @@ from ray.train import DataConfig
 
 from lightreasoner_ray.config import Config, join_path
 from lightreasoner_ray.data.samples import TRAIN_COLUMNS, SamplesInfo, check_samples, import_reference_jsonl
-from lightreasoner_ray.engines.models import check_model_path, context_length, head_rows, load_tokenizer, read_model_config
+from lightreasoner_ray.engines.models import (
+    check_model_path,
+    context_length,
+    head_rows,
+    load_tokenizer,
+    read_model_config,
+)
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.fingerprints import (
     samples_fingerprint,
     weights_fingerprint,
 )
-from lightreasoner_ray.io.layout import SAMPLING_SETTINGS, RunLayout
-from lightreasoner_ray.io.record import (
-    PROVENANCE_FILE,
-    StageRecord,
-    TrainingProvenance,
-    read_record,
-    refusal,
-    restart_stage,
-    shaping_train_settings,
-)
+from lightreasoner_ray.io.layout import PROVENANCE, RunLayout
+from lightreasoner_ray.io.record import StageRecord, read_record, refusal, restart_stage
 from lightreasoner_ray.io.test_seam import forwarded_environment
 from lightreasoner_ray.stages.ray_helpers import init_ray
 from lightreasoner_ray.stages.training.checkpoints import MODEL_SUBDIR, checkpoint_step
 from lightreasoner_ray.stages.training.deepspeed_config import check_supported
+from lightreasoner_ray.stages.training.metrics_log import following_training
+from lightreasoner_ray.stages.training.provenance import TrainingProvenance, shaping_train_settings
 from lightreasoner_ray.stages.training.worker import train_worker
-from lightreasoner_ray.ui.tracking import following_training, numeric_leaves, tracked_stage
+from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run_training(config: Config, restart: bool = False) -> dict[str, Any]:
     }
     with result.checkpoint.as_directory() as directory:
         publish_model(str(Path(directory, MODEL_SUBDIR)), model_dir,
-                      extra_files={PROVENANCE_FILE: json.dumps(model_record, indent=2).encode("utf-8")})
+                      extra_files={PROVENANCE: json.dumps(model_record, indent=2).encode("utf-8")})
     summary = {
         "steps": outcome["step"],
         "max_steps": train.max_steps,
@@ -208,7 +208,7 @@ def claim_checkpoints(config: Config, provenance: TrainingProvenance) -> None:
 
     def unrecorded() -> None:
         raise LightReasonerError(
-            f"the checkpoints in {directory} have no {PROVENANCE_FILE} (made by an older version?), so nothing "
+            f"the checkpoints in {directory} have no {PROVENANCE} (made by an older version?), so nothing "
             "says which samples and settings they came from. To proceed, use a new output_dir, or re-run with "
             f"`lightreasoner train --restart` to discard them and start over in {config.output_dir}."
         )
@@ -243,11 +243,11 @@ def check_lora_targets(config: Config) -> None:
     lora = config.train.lora
     if not lora.enabled:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     trust = config.expert.trust_remote_code
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.expert.path, trust_remote_code=trust),
+        model = AutoModelForCausalLM.from_config(read_model_config(config.expert.path, trust, text=False),
                                                  trust_remote_code=trust)
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
@@ -294,7 +294,8 @@ def logit_vocab_size(config: Config) -> int:
     """
     source = _samples_source(config).rstrip("/")
     directory = source.rsplit("/", 1)[0] if source.endswith(".parquet") else source
-    record = join_path(directory.rsplit("/", 1)[0] if "/" in directory else ".", SAMPLING_SETTINGS)
+    # The sampling stage's record sits beside its samples directory, in that run's output_dir.
+    record = RunLayout(directory.rsplit("/", 1)[0] if "/" in directory else ".").sampling_settings
     derived = min(len(load_tokenizer(config.expert, "expert")), head_rows(config.expert))
     if storage.exists(record):
         recorded = storage.read_json(record).get("vocab_size")

@@ -1,11 +1,19 @@
-"""Rank 0's per-update training metrics, kept as JSON lines."""
+"""Rank 0's per-update training metrics, kept as JSON lines, and followed by the driver while
+training runs (to the tracked run and the console's progress bar)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from lightreasoner_ray.io import storage
+from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.ui.console import training_progress
+from lightreasoner_ray.ui.tracking import MetricsFollower, TrackedRun, metric_name
+
+# The columns of a metrics row that tracking receives as metrics.
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "steps_per_s", "tokens_per_s", "selected_steps", "forward_tokens")
 
 
 class TrainMetricsLog:
@@ -36,3 +44,27 @@ class TrainMetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+
+
+def train_row_metrics(row: dict[str, Any]) -> dict[str, float]:
+    return {
+        metric_name("train", key): float(row[key]) for key in TRAIN_METRICS
+        if isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool) and row[key] == row[key]
+    }
+
+
+@contextlib.contextmanager
+def following_training(config: Any, run: Optional[TrackedRun]) -> Iterator[None]:
+    """While training runs: its metrics to the tracked run, its progress to the console's bar."""
+    with training_progress(config.train.max_steps) as progress:
+        def on_row(row: dict[str, Any]) -> None:
+            if run is not None:
+                run.log_metrics(train_row_metrics(row), step=row["step"])
+            if progress is not None:
+                progress(row)
+
+        if run is None and progress is None:
+            yield
+            return
+        with MetricsFollower(on_row, RunLayout(config.output_dir).train_metrics):
+            yield
