@@ -22,9 +22,6 @@ from lightreasoner_ray.config import TRACKING_PACKAGES, load_config
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LIGHTREASONER_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "benchmarks"))
 GSM8K_TRAIN = DATA_DIR / "gsm8k" / "train.jsonl"
-# A few hand-written rows in the benchmarks' own formats (gsm8k, svamp), for unit tests
-# that need rows but not the real benchmarks.
-BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
 
 # The optional extras of pyproject.toml a test may need, and the modules each must provide
 # (the tracking backends' are the ones the config checks for).

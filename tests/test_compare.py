@@ -14,7 +14,7 @@ from lightreasoner_ray.stages.compare import run_compare
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.core.scoring import grade_rows
 
-from conftest import BUNDLED_DATA_DIR, REPO_ROOT
+from conftest import DATA_DIR, REPO_ROOT
 
 
 def write_predictions(output_dir, tag, benchmark, rows, right):
@@ -30,8 +30,8 @@ def write_predictions(output_dir, tag, benchmark, rows, right):
 
 @pytest.fixture
 def evaluated(tmp_path):
-    gsm8k = load_benchmark("gsm8k", data_dir=str(BUNDLED_DATA_DIR), limit=6)
-    svamp = load_benchmark("svamp", data_dir=str(BUNDLED_DATA_DIR), limit=4)
+    gsm8k = load_benchmark("gsm8k", data_dir=str(DATA_DIR), limit=6)
+    svamp = load_benchmark("svamp", data_dir=str(DATA_DIR), limit=4)
     before = {"gsm8k": [True, False, False, True, False, True], "svamp": [True, True, False, False]}
     after = {"gsm8k": [True, True, False, False, True, True], "svamp": [True, True, True, False]}
     for tag, pattern in (("baseline", before), ("lightreasoner", after)):

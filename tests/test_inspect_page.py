@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import BUNDLED_DATA_DIR
+from conftest import DATA_DIR
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.data.samples import SAMPLES_SCHEMA
@@ -33,7 +33,7 @@ def samples_run(tiny_pair, tmp_path_factory) -> dict:
 
     sampler = ContrastiveSampler(ModelConfig(path=str(tiny_pair["expert"])), ModelConfig(path=str(tiny_pair["amateur"])),
                                  alpha=0.6, beta=BETA, max_new_tokens=12)
-    questions = [row["question"] for row in load_benchmark("gsm8k", data_dir=BUNDLED_DATA_DIR, limit=4)]
+    questions = [row["question"] for row in load_benchmark("gsm8k", data_dir=DATA_DIR, limit=4)]
     prompts = [prompt_ids(sampler.tokenizer, q, "Please reason step by step.") for q in questions]
     rows = sampler.sample(["q-d", "q-b", "q-c", "q-a"], prompts)
     output_dir = tmp_path_factory.mktemp("inspect") / "run"

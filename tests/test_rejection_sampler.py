@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BUNDLED_DATA_DIR
+from conftest import DATA_DIR
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.data.benchmarks import load_benchmark
 from lightreasoner_ray.errors import LightReasonerError
@@ -26,14 +26,14 @@ K = 3
 
 @pytest.fixture(scope="module")
 def solutions(tiny_pair, tmp_path_factory) -> dict:
-    """K sampled solutions to each of 3 bundled GSM8K problems, as the stage stores them."""
+    """K sampled solutions to each of 3 real GSM8K test problems, as the stage stores them."""
     from lightreasoner_ray.data.prompts import prompt_ids
     from lightreasoner_ray.engines.models import load_tokenizer
 
     config = load_config(None, [f"expert.path={tiny_pair['expert']}", f"rejection_sft.samples_per_problem={K}",
                                 "rejection_sft.temperature=1.0", "rejection_sft.max_new_tokens=12", "rejection_sft.seed=3"])
     tokenizer = load_tokenizer(config.expert, "expert")
-    rows = load_benchmark("gsm8k", data_dir=BUNDLED_DATA_DIR, limit=3)
+    rows = load_benchmark("gsm8k", data_dir=DATA_DIR, limit=3)
     problems = [{"problem_id": f"p{i}", "prompt_ids": prompt_ids(tokenizer, row["question"], "Please reason step by step."),
                  "answer": row["answer"]} for i, row in enumerate(rows)]
     batch = pa.Table.from_pylist(problems)
@@ -62,17 +62,21 @@ def test_each_problem_gets_k_graded_solutions_in_the_stored_schema(solutions):
 def test_a_corrected_gold_answer_regrades_the_stored_answers_without_sampling(solutions):
     problems = [dict(problem) for problem in solutions["problems"]]
     stored = {row["problem_id"]: row for row in solutions["table"].to_pylist()}
-    # The corrected gold answer of p1 is what one of its solutions answered (random weights: not the gold).
-    index = next(i for i, answer in enumerate(stored["p1"]["answers"]) if answer)
-    new_gold = stored["p1"]["answers"][index]
-    assert stored["p1"]["correct"][index] is False
-    problems[1]["answer"] = new_gold
-    rows = current_solutions(str(solutions["dir"]), problems[:2], "gsm8k")  # p2 left the problem set
-    assert [row["problem_id"] for row in rows] == ["p0", "p1"]
-    assert rows[0] == stored["p0"]
-    assert rows[1]["gold"] == new_gold and rows[1]["solutions"] == stored["p1"]["solutions"]
-    assert rows[1]["correct"] == [answer_matches(answer, new_gold) for answer in stored["p1"]["answers"]]
-    assert rows[1]["correct"][index] is True
+    # The corrected gold answer of one problem is what one of its solutions answered (random weights:
+    # not the gold); another problem stays as it was, and the third leaves the problem set.
+    target = next(pid for pid in ("p1", "p0", "p2") if any(stored[pid]["answers"]))
+    unchanged, dropped = [pid for pid in ("p0", "p1", "p2") if pid != target][:2]
+    index = next(i for i, answer in enumerate(stored[target]["answers"]) if answer)
+    new_gold = stored[target]["answers"][index]
+    assert stored[target]["correct"][index] is False
+    kept = [problem for problem in problems if problem["problem_id"] != dropped]
+    next(problem for problem in kept if problem["problem_id"] == target)["answer"] = new_gold
+    rows = {row["problem_id"]: row for row in current_solutions(str(solutions["dir"]), kept, "gsm8k")}
+    assert sorted(rows) == sorted([target, unchanged])
+    assert rows[unchanged] == stored[unchanged]
+    assert rows[target]["gold"] == new_gold and rows[target]["solutions"] == stored[target]["solutions"]
+    assert rows[target]["correct"] == [answer_matches(answer, new_gold) for answer in stored[target]["answers"]]
+    assert rows[target]["correct"][index] is True
 
 
 def test_solutions_of_a_changed_question_are_refused(solutions):
