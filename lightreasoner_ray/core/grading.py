@@ -1,20 +1,26 @@
 """Answer extraction and mathematical-equivalence grading.
 
-``extract_answer`` pulls the final answer out of a model completion (the last
-``\\boxed{}``, else "the answer is X", else the last number; a choice letter for
+``extract_answer`` pulls the final answer out of a model completion (the boxed answer,
+else "the answer is X", else the last inline maths or number; a choice letter for
 multiple-choice benchmarks). ``is_equivalent`` decides whether two answers mean the
-same thing, in three tiers of increasing cost:
+same thing, in four tiers of increasing cost:
 
-1. normalised string equality, plain numbers (with a relative tolerance), and
-   exact rational arithmetic, all in-process;
+1. normalised string equality, plain numbers (with a relative tolerance only where
+   the reference is inexact), and exact rational arithmetic, all in-process;
 2. a small LaTeX/plain-maths parser of our own that turns an answer into a syntax
    tree of lists (never ``eval``, never ``sympify``: model output is untrusted);
 3. a sympy comparison of two trees (exact, numeric, or at random points for
    expressions with variables) in a separate worker process that is killed when it
-   exceeds its time budget, so no input can hang or exhaust the caller.
+   exceeds its time budget, so no input can hang or exhaust the caller;
+4. for pairs the first three leave undecided (text our parser does not read:
+   relations, inequalities against intervals, equations scaled or rearranged, sums,
+   ``a=b=c`` chains), math-verify's parser and comparison, in the same worker.
 
-Tuples, intervals, sets, unions, matrices and lists of answers are compared element
-by element (bracket types respected; lists, sets and unions in any order).
+Our tiers stay first because they are stricter where the benchmarks need it (exact
+integers, tolerance only for inexact references, percentages only where written,
+interval brackets and set/tuple kinds respected) and because they answer most
+pairs without a process round trip. Tuples, intervals, sets, unions, matrices and
+lists of answers are compared element by element (lists, sets and unions in any order).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ _CHOICE_LETTERS = "ABCDEFGHIJ"
 
 # --------------------------------------------------------------------------------------
 # Extraction
+# Kept (math-verify's extraction needs its parser, so a worker round trip per completion):
+# in-process regexes with the benchmarks' own rules (GSM8K's last number, MMLU's letter).
 # --------------------------------------------------------------------------------------
 
 _BRACES = re.compile(r"[{}]")
@@ -112,38 +120,119 @@ def _matching_brace(text: str, start: int) -> int | None:
 def extract_answer(text: str, benchmark: str, choices: Sequence[str] | None = None) -> str:
     """The final answer of a model completion, or ``""`` when there is none.
 
-    Maths benchmarks: the last ``\\boxed{}``, else the text after the last "the
-    answer is", else the last number. Multiple choice (``mmlu_stem``): a letter A-D
-    from a boxed letter, "answer is (B)", or a boxed choice text matching one of
-    ``choices``; else the last "(B)" in the text.
+    Maths benchmarks: the boxed answer (the last ``\\boxed{}``, joined with the boxes
+    just before it when only list words separate them: ``\\boxed{-2} or \\boxed{1}``
+    gives ``-2, 1``), unless a later "the answer is" states it; else the text after the
+    last "the answer is"; else (GSM8K-style benchmarks) the last number, or (the others)
+    the last inline maths ``$...$`` / ``\\(...\\)`` holding the last number. Multiple
+    choice (``mmlu_stem``): a letter A-D from a boxed letter, "answer is (B)", or a
+    boxed choice text matching one of ``choices``; else the last "(B)"; else the last
+    letter used as an answer ("Because B is valid").
     """
     if not text:
         return ""
     text = text[-MAX_COMPLETION_CHARS:]  # final answers are at the end; bounds the work
     if benchmark in CHOICE_BENCHMARKS:
         return _extract_choice(text, choices)
-    boxed = last_boxed(text)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    stated = _stated_answer(text)
+    boxes = _boxes(text)
+    stated_at, stated = _stated_answer(text)
+    if boxes and not (stated_at > boxes[-1][1] and re.search(r"[\d\\]", stated)):  # "our answer is correct" is no answer
+        answer = _trailing_box_group(text, boxes)
+        if answer:
+            return answer
     if stated:
         return stated
-    numbers = _LAST_NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else ""
+    numbers = list(_LAST_NUMBER.finditer(text))
+    if not numbers:
+        return ""
+    if benchmark not in LAST_NUMBER_BENCHMARKS:
+        maths = _last_inline_maths(text, numbers[-1].start())
+        if maths:
+            return maths
+    return numbers[-1].group().replace(",", "")
 
 
-def _stated_answer(text: str) -> str:
-    """What follows the last "the answer is", up to the end of its line or sentence."""
+# Benchmarks whose answers are plain numbers: without a box or a stated answer, the
+# last number in the text is the answer (as the benchmarks' own protocols read them).
+LAST_NUMBER_BENCHMARKS = frozenset({"gsm8k", "svamp", "asdiv", "mawps"})
+# What may separate boxes that together form one answer: list words and punctuation,
+# maths delimiters, and a "x =" label ("x = \boxed{-2} or x = \boxed{1}").
+MAX_BOX_GAP = 80
+_BOX_SEPARATOR = re.compile(
+    r"(?:\s|[$,;]|\\[(),;:!]|\\q?quad|\\text\s*\{\s*(?:or|and)?\s*\}|\b(?:or|and)\b"
+    r"|[A-Za-z](?:_\{?\w+\}?)?\s*=)*",
+    re.IGNORECASE,
+)
+
+
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, content)`` of every closed ``\\boxed{...}`` / ``\\fbox{...}``."""
+    starts = [match for match in _BOXED_START.finditer(text)]
+    if not starts:
+        bare = None
+        for bare in _BOXED_BARE.finditer(text):  # "\\boxed 7."
+            pass
+        return [(bare.start(), bare.end(), bare.group(1).rstrip(".,;"))] if bare else []
+    closing = _closing_braces(text, starts[0].end() - 1)
+    found = []
+    for match in starts:
+        end = closing.get(match.end() - 1)
+        if end is not None and not (found and match.start() < found[-1][1]):  # skip boxes nested in boxes
+            found.append((match.start(), end + 1, text[match.end() : end].strip()))
+    return found
+
+
+def _trailing_box_group(text: str, boxes: list[tuple[int, int, str]]) -> str:
+    """The last box's content, joined (``a, b``) with the boxes before it that only list words separate."""
+    group = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        gap = text[box[1] : group[0][0]]
+        if len(gap) > MAX_BOX_GAP or not _BOX_SEPARATOR.fullmatch(gap):
+            break
+        group.insert(0, box)
+    return ", ".join(content for _, _, content in group if content)
+
+
+_INLINE_MATHS = re.compile(
+    rf"\${{1,2}}([^$]{{1,{MAX_EXPRESSION_CHARS}}})\${{1,2}}|\\\((.{{1,{MAX_EXPRESSION_CHARS}}}?)\\\)", re.DOTALL
+)
+
+
+def _last_inline_maths(text: str, last_number_at: int) -> str:
+    """The last ``$...$`` or ``\\(...\\)`` of the text when it holds the last number."""
+    last = None
+    for last in _INLINE_MATHS.finditer(text):  # from the start, so "$" pairs are read as written
+        pass
+    if last is None or not (last.start() < last_number_at < last.end()):
+        return ""
+    return _result_side((last.group(1) or last.group(2)).strip())
+
+
+def _result_side(maths: str) -> str:
+    """``3 + 4 = 7`` -> ``7`` (arithmetic ending in a number); other maths (``5x + 4 = 0``) as written."""
+    sides = maths.split("=")
+    if len(sides) > 1 and _LAST_NUMBER.fullmatch(sides[-1].strip()) and not re.search(r"[A-Za-z]", maths):
+        return sides[-1].strip().replace(",", "")
+    return maths
+
+
+def _stated_answer(text: str) -> tuple[int, str]:
+    """Where the last "the answer is" ends, and what follows it up to the end of its line or sentence."""
     last = None
     for last in _ANSWER_IS.finditer(text):
         pass
     if last is None:
-        return ""
+        return -1, ""
     rest = text[last.end() :].split("\n", 1)[0]
     rest = re.split(r"\.\s+(?=[A-Z])", rest, maxsplit=1)[0]  # "... is 5. So ..." keeps "5"
-    rest = rest.rsplit("=", 1)[-1]  # "... is 3 * 4 = 12" keeps "12"
     rest = _FILLER_WORDS.sub("", rest.strip().strip("*").strip())
-    return rest.rstrip(".").strip().strip("$").strip()
+    rest = rest.rstrip(".").strip()
+    delimited = re.fullmatch(r"\$+(.*?)\$+|\\\((.*)\\\)|\\\[(.*)\\\]", rest, re.DOTALL)  # $..$, \(..\), \[..\]
+    if delimited:  # maths written as such: "$f(n)=n, g(n)=1$" stays whole
+        rest = _result_side(next(group for group in delimited.groups() if group is not None))
+    else:
+        rest = rest.rsplit("=", 1)[-1]  # "... is 3 * 4 = 12" keeps "12"
+    return last.end(), _FILLER_WORDS.sub("", rest.strip().strip("$").strip())
 
 
 _CHOICE_WRAPPERS = re.compile(r"^(?:\s|[:*$({\[]|\\text(?:bf)?\s*\{|\\mathrm\s*\{|(?i:option|choice)\b)+")
@@ -176,7 +265,12 @@ def _extract_choice(text: str, choices: Sequence[str] | None) -> str:
         if letter:
             return letter
     parenthesised = re.findall(rf"\(([{letters}])\)", text)
-    return parenthesised[-1] if parenthesised else ""
+    if parenthesised:
+        return parenthesised[-1]
+    # No cue: a capital letter used as an answer ("Because B is valid", "so C."),
+    # not the article "A" ("A cell divides").
+    named = re.findall(rf"(?<![\w'])([{letters}])(?=\s+(?:is|was|must|should|would|fits|matches)\b|[.,;:!)]|\s*$)", text)
+    return named[-1] if named else ""
 
 
 def _casefold_key(text: str) -> str:
@@ -185,6 +279,8 @@ def _casefold_key(text: str) -> str:
 
 # --------------------------------------------------------------------------------------
 # Normalisation
+# Kept: units, percentages, degrees and labels are stripped the way the benchmarks
+# write their references; math-verify's normaliser is looser on units and percentages.
 # --------------------------------------------------------------------------------------
 
 _UNICODE = {
@@ -196,12 +292,15 @@ _UNWRAP_COMMANDS = re.compile(
     r"\\(?:text|textbf|textit|textrm|textsf|textnormal|mbox|hbox|mathrm|mathbf|mathit|mathsf"
     r"|mathnormal|operatorname|boxed|fbox)\s*\{"
 )
+# "10{,}000", "14 {, }916", "11,\\! 111": a comma written to group digits.
+_COMMA_GROUP = re.compile(r"(?<=\d)\s*(?:\{\s*,\s*\}|,\\!)\s*(?=\d)|\{,\}")
 _THIN_SPACES = re.compile(r"(?<!\\)\\[!,]")  # also used as thousands separators: 10\!080
 _SPACING = re.compile(r"(?<!\\)\\[;: ]|\\q?quad(?![A-Za-z])|~|\\displaystyle(?![A-Za-z])")
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)(?![A-Za-z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])")
 _LHS_PREFIX = re.compile(
-    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z0-9, ]*\))?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?)"
+    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z0-9, ]*\))?|\\[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?"
+    r"|[A-Z]{2,3}|\(\s*[A-Za-z](?:_\{?\w+\}?)?(?:\s*,\s*[A-Za-z](?:_\{?\w+\}?)?)+\s*\))"  # AB = 4, (p, q) = (3, 2)
     r"\s*(?:=|\\in(?![A-Za-z])|\\approx(?![A-Za-z]))\s*"
 )
 _UNIT_SPLIT = re.compile(
@@ -225,7 +324,7 @@ def normalize_answer(text: str) -> str:
     answer = text.strip()
     for char, replacement in _UNICODE.items():
         answer = answer.replace(char, replacement)
-    answer = _unwrap_commands(answer).replace("{,}", ",")
+    answer = _COMMA_GROUP.sub(",", _unwrap_commands(answer))
     answer = answer.replace(r"\left.", "").replace(r"\right.", "")
     answer = _SIZING.sub("", answer)
     answer = _THIN_SPACES.sub("", answer)
@@ -289,6 +388,8 @@ def _spaceless(text: str) -> str:
 
 # --------------------------------------------------------------------------------------
 # Structure: tuples, intervals, sets, unions, lists, matrices
+# Kept: stricter than math-verify on kinds (it equates the interval (1, 2) with the
+# set {1, 2}) and lets each element use our numeric rules; decides most lists in-process.
 # --------------------------------------------------------------------------------------
 
 _OPENERS = "([{"
@@ -328,6 +429,19 @@ def _split_top_level(text: str, separator: str) -> list[str]:
     return parts
 
 
+_LIST_WORD = re.compile(r"\s+(?:or|and)\s+|\s*;\s*", re.IGNORECASE)
+
+
+def _split_list(text: str) -> list[str]:
+    """Split a list of answers at top-level ``,`` / ``;``, and at " or " / " and " between maths (not prose)."""
+    if re.search(r"\d", text):
+        text = _LIST_WORD.sub(";", text)
+    parts = []
+    for part in _split_top_level(text, ","):
+        parts.extend(_split_top_level(part, ";"))
+    return parts
+
+
 def _enclosing_brackets(text: str) -> tuple[str, str] | None:
     """``("[", ")")`` when ``text`` is one bracketed group like ``[1, 2)``, else None."""
     opener = "\\{" if text.startswith("\\{") else text[:1]
@@ -349,7 +463,7 @@ def _structure(text: str, depth: int = 0) -> _Structure:
     """Parse an answer into nested sequences of normalised scalars."""
     text = normalize_answer(text) if depth else text
     if depth > MAX_NESTING:
-        raise _ParseError("answer nested too deeply")
+        raise _TooLarge("answer nested too deeply")
     if _THOUSANDS.fullmatch(text):
         return _Structure("scalar", text.replace(",", ""))
     if _RATIO.fullmatch(text):
@@ -363,23 +477,23 @@ def _structure(text: str, depth: int = 0) -> _Structure:
     union = _split_top_level(text, "\\cup")
     if len(union) > 1:
         return _Structure("union", items=_items(union, depth), ordered=False)
-    parts = _split_top_level(text, ",")
-    if len(parts) > 1:  # a bare list of answers is compared as a set
+    parts = _split_list(text)
+    if len(parts) > 1:  # a bare list of answers ("1, 2", "1; 2", "1 or 2") is compared as a set
         return _Structure("set", items=_items(parts, depth), ordered=False)
     brackets = _enclosing_brackets(text)
     if brackets:
         opener, closer = brackets
         inner = text[len(opener) : len(text) - len(closer)]
         inner_parts = _split_top_level(inner, ",")
-        if opener == "\\{":
+        if opener in ("\\{", "{"):  # {2, 3, 5} is a set, braces escaped or not
             return _Structure("set", items=_items(inner_parts, depth), ordered=False)
         if len(inner_parts) > 1:
             return _Structure(opener + closer, items=_items(inner_parts, depth))
         if opener + closer in ("()", "[]", "{}"):
             return _structure(inner, depth + 1)
     plus_minus = _split_top_level(text, "\\pm")
-    if len(plus_minus) == 2 and all(part.strip() for part in plus_minus):
-        base, offset = plus_minus
+    if len(plus_minus) == 2 and plus_minus[1].strip():
+        base, offset = plus_minus  # "\\pm 3" (no base) is 3 and -3
         both = [f"{base}+({offset})", f"{base}-({offset})"]
         return _Structure("set", items=_items(both, depth), ordered=False)
     return _Structure("scalar", text)
@@ -387,7 +501,7 @@ def _structure(text: str, depth: int = 0) -> _Structure:
 
 def _items(parts: Sequence[Any], depth: int) -> tuple[_Structure, ...]:
     if len(parts) > MAX_ITEMS:
-        raise _ParseError("too many items")
+        raise _TooLarge("too many items")
     return tuple(part if isinstance(part, _Structure) else _structure(part, depth + 1) for part in parts)
 
 
@@ -432,6 +546,8 @@ def _perfect_matching(left: Sequence[Any], right: Sequence[Any], equal: Callable
 
 # --------------------------------------------------------------------------------------
 # Numbers: the fast path
+# Kept: exact integers and tolerance only where the reference is inexact (math-verify
+# rounds both sides to a fixed number of decimals), without leaving the process.
 # --------------------------------------------------------------------------------------
 
 _DECIMAL = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?"
@@ -520,11 +636,18 @@ def _numbers_equal(predicted: Fraction, reference: Fraction, percent: bool, inex
 
 # --------------------------------------------------------------------------------------
 # The safe parser: text -> syntax tree of JSON-able lists
+# Kept: bounds every number, power and factorial before sympy sees it (math-verify would
+# try them until killed), runs in-process for the exact rational fast path, and tells
+# which answers are ours to decide and which go to math-verify.
 # --------------------------------------------------------------------------------------
 
 
 class _ParseError(ValueError):
     """Text this grader will not interpret (unsupported, ambiguous or too large)."""
+
+
+class _TooLarge(_ParseError):
+    """Text beyond a size or depth bound: graded wrong, never handed on to math-verify."""
 
 
 _GREEK = frozenset(
@@ -544,7 +667,7 @@ _SUBSCRIPT = re.compile(r"_(?:\{\s*([A-Za-z0-9\\ ]{1,20})\s*\}|([A-Za-z0-9]))")
 def _tokenize(text: str) -> list[tuple[str, str]]:
     """Tokens ``(kind, value)``; kinds: num sym const func frac sqrt op open close _ ."""
     if len(text) > MAX_EXPRESSION_CHARS:
-        raise _ParseError("expression too long")
+        raise _TooLarge("expression too long")
     tokens: list[tuple[str, str]] = []
     position = 0
     while position < len(text):
@@ -556,7 +679,7 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
             literal = match.group(0)
             exponent = re.search(r"[eE]([-+]?\d+)$", literal)
             if exponent and abs(int(exponent.group(1))) > MAX_SCI_EXPONENT:
-                raise _ParseError("number literal too large")
+                raise _TooLarge("number literal too large")
             position = match.end()
             if _SUBSCRIPT.match(text, position):  # 52_8: a numeral in another base, kept opaque
                 name, position = _with_subscript(text, literal, position)
@@ -633,7 +756,6 @@ class _Parser:
 
     Grammar (implicit multiplication between adjacent factors, ``^`` right-assoc)::
 
-        equation := expr ["=" expr]
         expr     := ["+"|"-"] term (("+"|"-") term)*
         term     := signed (("*"|"/") signed | factor)*
         signed   := ("+"|"-") signed | factor
@@ -649,7 +771,7 @@ class _Parser:
         self.depth = 0
 
     def parse(self) -> list:
-        tree = self.equation()
+        tree = self.expr()  # equations ("=") are math-verify's: it compares them scaled and rearranged
         if self.position != len(self.tokens):
             raise _ParseError(f"unexpected {self.peek()[1]!r}")
         return tree
@@ -674,17 +796,11 @@ class _Parser:
     def nested(self, parse: Callable[[], list]) -> list:
         self.depth += 1
         if self.depth > MAX_NESTING:
-            raise _ParseError("expression nested too deeply")
+            raise _TooLarge("expression nested too deeply")
         try:
             return parse()
         finally:
             self.depth -= 1
-
-    def equation(self) -> list:
-        left = self.expr()
-        if self.accept("op", "="):
-            return ["eq", left, self.expr()]
-        return left
 
     def expr(self) -> list:
         terms = [self.signed_term()]
@@ -872,12 +988,54 @@ def is_equivalent(prediction: str, reference: str, *, timeout: float = SYMBOLIC_
     predicted_text, reference_text = normalize_answer(prediction), normalize_answer(reference)
     if _spaceless(predicted_text) == _spaceless(reference_text):
         return True
+    percent = _has_percent(prediction) or _has_percent(reference)
+    judge = _ScalarJudge(percent=percent, timeout=timeout)
+    predicted_text = _decimal_comma(predicted_text, reference_text)
     try:
         predicted, expected = _structure(predicted_text), _structure(reference_text)
-    except _ParseError:
+    except _TooLarge:
         return False
-    judge = _ScalarJudge(percent=_has_percent(prediction) or _has_percent(reference), timeout=timeout)
-    return _structures_match(predicted, expected, judge)
+    except _ParseError:
+        judge.undecided = True
+    else:
+        if _structures_match(predicted, expected, judge):
+            return True
+        if predicted.kind == "set" and expected.kind != "set" and not _enclosing_brackets(predicted_text):
+            # The same answer boxed in several forms ("15\\frac{39}{40}, or \\frac{639}{40}"):
+            # right only if every one of them is; many different candidates never are.
+            return all(_structures_match(item, expected, judge) for item in predicted.items)
+        if (predicted.kind == "scalar") != (expected.kind == "scalar"):
+            scalar = predicted if predicted.kind == "scalar" else expected
+            judge.undecided = not _parses(scalar.text)  # "0<x<1" against "(0, 1)": not ours to decide
+    if not judge.undecided or percent:  # our rules decided (exact numbers, tolerance, percentages, choices)
+        return False
+    if _EXPENSIVE.search(prediction) or _EXPENSIVE.search(reference):
+        return False
+    remaining = judge.deadline - time.monotonic()
+    return remaining > 0 and _symbolic_worker().verify_latex(prediction, reference, remaining)
+
+
+# Text math-verify would spend its whole budget on (towers of numeric powers, factorials
+# and sums or products of huge ranges): refused up front rather than killed after the
+# timeout, which also saves restarting the worker. Answers our parser reads never get here.
+_EXPENSIVE = re.compile(r"\^\s*\{?\s*\d+\s*\^|\d{3,}\s*\}?\s*\)?\s*!|\\(?:sum|prod)_\{[^{}]*\}\^\s*\{[^{}]*\d{4,}")
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_expression(text)
+    except (_ParseError, RecursionError):
+        return False
+    return True
+
+
+def _decimal_comma(predicted: str, reference: str) -> str:
+    """``1000,99`` -> ``1000.99`` when the reference is a decimal with that many fractional digits."""
+    comma = re.fullmatch(r"(-?\d+),(\d+)", predicted)
+    point = re.fullmatch(r"-?\d+\.(\d+)", reference)
+    if comma and point and len(comma.group(2)) == len(point.group(1)) != 3:
+        return f"{comma.group(1)}.{comma.group(2)}"
+    return predicted
 
 
 _PROSE = re.compile(r"[A-Za-z][A-Za-z'. -]*")
@@ -889,6 +1047,7 @@ class _ScalarJudge:
     def __init__(self, percent: bool, timeout: float):
         self.percent = percent
         self.deadline = time.monotonic() + timeout
+        self.undecided = False  # set when a comparison fell outside our parser
 
     def __call__(self, predicted: str, reference: str) -> bool:
         if _spaceless(predicted) == _spaceless(reference):
@@ -905,7 +1064,10 @@ class _ScalarJudge:
             return _numbers_equal(predicted_number, reference_number, self.percent, inexact)
         try:
             predicted_tree, reference_tree = parse_expression(predicted), parse_expression(reference)
+        except _TooLarge:
+            return False
         except (_ParseError, RecursionError):
+            self.undecided = True
             return False
         predicted_value, reference_value = _rational_value(predicted_tree), _rational_value(reference_tree)
         inexact = _reference_is_inexact(reference, reference_value, predicted)
@@ -919,6 +1081,8 @@ class _ScalarJudge:
 
 # --------------------------------------------------------------------------------------
 # The symbolic worker process
+# Kept: the safety envelope (time and memory caps, kill and restart) for our sympy
+# comparison and for math-verify, whose own timeouts need signals on a main thread.
 # --------------------------------------------------------------------------------------
 
 WORKER_STARTUP_TIMEOUT = 60.0
@@ -942,6 +1106,14 @@ class _SymbolicWorker:
         self._unavailable = False  # set once start-up fails, so we do not retry per answer
 
     def compare(self, left: list, right: list, inexact: bool, timeout: float) -> bool:
+        """Our sympy comparison of two parser trees."""
+        return self._request([left, right, inexact], timeout)
+
+    def verify_latex(self, prediction: str, reference: str, timeout: float) -> bool:
+        """math-verify's comparison of two answers as written (see :func:`_math_verify_equal`)."""
+        return self._request(["latex", prediction, reference], timeout)
+
+    def _request(self, request: list, timeout: float) -> bool:
         with self._lock:
             if self._unavailable:
                 return False
@@ -957,7 +1129,7 @@ class _SymbolicWorker:
                 return False
             deadline = time.monotonic() + timeout  # the one-off start-up is not charged
             try:
-                process.stdin.write(json.dumps([left, right, inexact]).encode() + b"\n")
+                process.stdin.write(json.dumps(request).encode() + b"\n")
                 process.stdin.flush()
             except OSError:
                 self._stop()
@@ -1054,12 +1226,20 @@ def _serve_symbolic_requests() -> None:
         pass
     import sympy  # noqa: F401  (warm the import before reporting ready)
 
+    try:  # optional: without it, pairs our rules leave undecided are graded wrong
+        import math_verify  # noqa: F401
+    except ImportError:
+        pass
+
     sys.stdout.buffer.write(b"ready\n")
     sys.stdout.buffer.flush()
     for line in sys.stdin.buffer:
         try:
             left, right, inexact = json.loads(line)
-            equal = _symbolic_equal(left, right, EXACT_TOLERANCE if not inexact else float(RELATIVE_TOLERANCE))
+            if left == "latex":
+                equal = _math_verify_equal(right, inexact)
+            else:
+                equal = _symbolic_equal(left, right, EXACT_TOLERANCE if not inexact else float(RELATIVE_TOLERANCE))
         except Exception:  # any failure on untrusted input means "not shown equal"
             equal = False
         sys.stdout.buffer.write(b"1\n" if equal else b"0\n")
@@ -1067,6 +1247,41 @@ def _serve_symbolic_requests() -> None:
 
 
 # ---- sympy side (runs only inside the worker) -----------------------------------------
+# Kept beside math-verify: exact comparison or random-point evaluation with our
+# tolerance rule, on trees whose sizes the parser has already bounded.
+
+MATH_VERIFY_FLOAT_ROUNDING = 10  # math-verify's default (6) accepts 7.0000001 for 7
+
+
+def _math_verify_equal(prediction: str, reference: str) -> bool:
+    """math-verify on two answers: relations, inequalities against intervals, equation
+    forms, sums and the rest of its LaTeX grammar that our parser does not read.
+
+    LaTeX extraction only: its plain-expression extraction hands text to sympy's
+    ``parse_expr``, which evaluates Python. Its signal-based timeouts are off (this
+    runs on the worker's main thread, but our parent's kill is the one deadline).
+    """
+    import logging as worker_logging
+
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    worker_logging.getLogger("math_verify").setLevel(worker_logging.ERROR)
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+
+    def parsed(answer: str) -> list:
+        return parse(f"${answer}$" if "$" not in answer else answer, extraction_config=config, parsing_timeout=None)
+
+    gold, target = parsed(reference), parsed(prediction)
+    if not gold or not target:
+        return False
+    return verify(
+        gold,
+        target,
+        float_rounding=MATH_VERIFY_FLOAT_ROUNDING,
+        strict=True,
+        allow_set_relation_comp=True,
+        timeout_seconds=None,
+    )
 
 
 def _to_sympy(tree: list) -> Any:
@@ -1114,8 +1329,6 @@ def _to_sympy(tree: list) -> Any:
         if top.is_number and abs(complex(top.evalf(15))) > MAX_POWER_BITS:
             raise ValueError("binomial too large")
         return sympy.binomial(top, bottom)
-    if kind == "eq":
-        return ("eq", _to_sympy(tree[1]), _to_sympy(tree[2]))
     raise ValueError(f"unknown node {kind!r}")
 
 
@@ -1142,15 +1355,7 @@ _SAMPLE_POINTS = 3
 
 
 def _symbolic_equal(left_tree: list, right_tree: list, tolerance: float) -> bool:
-    left, right = _to_sympy(left_tree), _to_sympy(right_tree)
-    if isinstance(left, tuple) or isinstance(right, tuple):
-        if not (isinstance(left, tuple) and isinstance(right, tuple)):
-            return False
-        left_side, right_side = left[1] - left[2], right[1] - right[2]
-        return _expressions_equal(left_side, right_side, tolerance) or _expressions_equal(
-            left_side, -right_side, tolerance
-        )
-    return _expressions_equal(left, right, tolerance)
+    return _expressions_equal(_to_sympy(left_tree), _to_sympy(right_tree), tolerance)
 
 
 def _expressions_equal(left: Any, right: Any, tolerance: float) -> bool:
