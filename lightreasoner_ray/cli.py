@@ -16,12 +16,15 @@ Every command is quiet unless ``--verbose``: Ray, DeepSpeed and library output g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Callable
 
-from lightreasoner_ray.config import Config, load_config
+from lightreasoner_ray.config import Config, load_config, redact
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io.local_dirs import resolve_output_dir
+from lightreasoner_ray.io.lock import OutputDirLock
 from lightreasoner_ray.ui.console import echo
 
 logger = logging.getLogger("lightreasoner_ray")
@@ -125,17 +128,33 @@ RESTARTABLE = ("sample", "train", "evaluate", "run")
 
 
 def load_command_config(command: str, config_path: str | None, overrides: list[str]) -> Config:
+    """The command's config, its output_dir checked against a Ray job's deletable working directory."""
     if command == "demo":
         from lightreasoner_ray.runs.demo import demo_config, demo_defaults
 
-        return demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
-    return load_config(config_path, overrides)
+        config = demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
+    else:
+        config = load_config(config_path, overrides)
+    output_dir = resolve_output_dir(config.output_dir)
+    if output_dir != config.output_dir:
+        logger.info("output_dir %s resolved to %s (a Ray job's working directory is not kept)",
+                    config.output_dir, output_dir)
+        config = dataclasses.replace(config, output_dir=output_dir)
+    return config
+
+
+# Commands that write into output_dir hold its lock (io.lock) for their whole life; inspect and
+# compare only read what is there (and write their own report files) and take none.
+LOCKED = ("sample", "train", "evaluate", "run", "export", "demo")
 
 
 def run_stage(command: str, config: Config, restart: bool = False, **options: str) -> dict:
-    if command in RESTARTABLE:
-        return STAGES[command](config, restart=restart)
-    return STAGES[command](config, **options)
+    if command not in LOCKED:
+        return STAGES[command](config, **options)
+    with OutputDirLock(config.output_dir, command):
+        if command in RESTARTABLE:
+            return STAGES[command](config, restart=restart)
+        return STAGES[command](config, **options)
 
 
 def run_command(command: str, config_path: str | None, overrides: list[str], restart: bool = False,
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.command, config, getattr(args, "restart", False), **options)
     except LightReasonerError as exc:
         where = f" (full log: {console.log_path})" if console is not None else ""
-        print(f"lightreasoner {args.command}: error: {exc}{where}", file=sys.stderr)
+        print(redact(f"lightreasoner {args.command}: error: {exc}{where}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lightreasoner {args.command}: interrupted; finished work is kept, re-run to resume", file=sys.stderr)

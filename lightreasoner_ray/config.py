@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -494,11 +496,52 @@ class Config:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a tree, secrets in URIs redacted (:func:`redact`): what summaries,
+        records and trackers get."""
+        return redact_tree(dataclasses.asdict(self))
 
     @property
     def samples_dir(self) -> str:
         return join_path(self.output_dir, "samples")
+
+
+# ---- secrets in URIs -----------------------------------------------------------------------
+
+REDACTED = "***"
+# scheme://user:password@host -> scheme://user:***@host (also a bare token: scheme://token@host)
+_URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*)(?::(?P<password>[^\s/@]*))?@")
+# ?password=..., &token=..., presigned-URL signatures and the like.
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|pass|token|access_token|auth|secret|secret_key|secretkey|access_key|"
+    r"api_key|apikey|key|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
+    r"x-goog-signature|x-goog-credential)=)[^&\s#'\"]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the secrets of any URI in it replaced by ``***``: the password of
+    ``scheme://user:password@host`` (a lone ``scheme://token@host`` keeps only the scheme and host),
+    and secret-looking query parameters (``?password=``, ``&token=``, signatures). The one redaction
+    used wherever settings or URIs are logged, recorded or sent to a tracker."""
+    if not isinstance(text, str) or ("://" not in text and "=" not in text):
+        return text
+
+    def userinfo(match: re.Match) -> str:
+        if match.group("password") is None:
+            return f"{match.group('head')}{REDACTED}@" if match.group("user") else match.group(0)
+        return f"{match.group('head')}{match.group('user')}:{REDACTED}@"
+
+    return _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, _URI_PASSWORD.sub(userinfo, text))
+
+
+def redact_tree(tree: Any) -> Any:
+    """:func:`redact` applied to every string in a JSON-like tree (dict keys kept)."""
+    if isinstance(tree, str):
+        return redact(tree)
+    if isinstance(tree, dict):
+        return {key: redact_tree(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(redact_tree(value) for value in tree)
+    return tree
 
 
 def join_path(base: str, *parts: str) -> str:
@@ -529,6 +572,8 @@ def _validate_tree(node: Any, prefix: str) -> None:
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             _validate_tree(value, _join_key(prefix, f.name))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise LightReasonerError(f"{_join_key(prefix, f.name)} must be a finite number, got {value!r}")
     if hasattr(node, "validate") and not isinstance(node, Config):
         node.validate(prefix)
 
@@ -585,7 +630,14 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         if not path.is_file():
             raise LightReasonerError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LightReasonerError(
+                f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+        except OSError as exc:
+            raise LightReasonerError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise LightReasonerError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
@@ -653,15 +705,21 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return int(value)
         raise LightReasonerError(f"{key} must be an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise LightReasonerError(f"{key} must be a number, got {value!r}")
+        if number is None:
+            raise LightReasonerError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            # NaN passes every range check (all comparisons are false) and inf overflows later.
+            raise LightReasonerError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if value is None:
             return ""

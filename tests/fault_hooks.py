@@ -46,7 +46,34 @@ def parse_fault(spec: str) -> tuple[str, int, int, str]:
     raise ValueError(f"{FAULT_ENV}={spec!r} is not fail:<step>:<rank>:<marker> or nan:<step>")
 
 
+KILL_AT_ENV = "LIGHTREASONER_TEST_KILL_AT"
+FULL_AT_ENV = "LIGHTREASONER_TEST_DISK_FULL_AT"
+
+
+def kill_at(point: str, times: int = 1) -> dict[str, str]:
+    """The environment of a process that SIGKILLs itself the ``times``-th time it reaches ``point``
+    (``storage.writing``: a file half written; ``storage.publish_file_copied``; ``export.staged``...)."""
+    return {HOOKS_ENV: HOOKS, KILL_AT_ENV: f"{point}:{times}"}
+
+
+def disk_full_at(point: str) -> dict[str, str]:
+    """The environment of a process whose writes fail with ENOSPC at ``point``."""
+    return {HOOKS_ENV: HOOKS, FULL_AT_ENV: point}
+
+
+_reached: dict[str, int] = {}
+
+
 def hook(point: str, **details: Any) -> Any:
+    kill = os.environ.get(KILL_AT_ENV, "")
+    if kill and kill.rsplit(":", 1)[0] == point:
+        _reached[point] = _reached.get(point, 0) + 1
+        if _reached[point] == int(kill.rsplit(":", 1)[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(FULL_AT_ENV) == point:
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
     if point == "sampling.file_written":
         if details["files"] == int(os.environ.get(KILL_AFTER_FILES_ENV, "0")):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -101,3 +101,29 @@ def test_unknown_benchmark_and_bad_lora_alpha_are_config_errors():
         load_config(None, ["eval.benchmarks=[gsm8k,nope]"])
     with pytest.raises(LightReasonerError, match="train.lora.r and train.lora.alpha must be > 0"):
         load_config(None, ["train.lora.alpha=-3"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.max_grad_norm=nan", "sampling.beta=nan",
+                                      "eval.temperature=inf", "sampling.alpha=.nan", "train.weight_decay=-.inf",
+                                      "eval.top_p=NaN"])
+def test_every_number_must_be_finite(override):
+    """NaN passes every range check (its comparisons are all false); inf overflows later."""
+    key = override.split("=", 1)[0]
+    with pytest.raises(LightReasonerError, match=rf"^{key} must be a finite number, got ") as caught:
+        load_config(None, [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_nan_in_a_yaml_file_is_refused_naming_the_key_and_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(LightReasonerError, match=r"train.lr must be a finite number.*\(in .*c.yaml\)"):
+        load_config(path)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("sampling:\n  system_prompt: \"R\xe9fl\xe9chis\"\n".encode("latin-1"))
+    with pytest.raises(LightReasonerError, match=rf"config file {path} is not UTF-8 text \(byte \d+") as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)

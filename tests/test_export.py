@@ -13,7 +13,7 @@ import torch
 from conftest import LORA_CHECK_IDS
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.stages.export import export_paths, run_export
+from lightreasoner_ray.stages.export import EXPORT_MARK, export_paths, run_export
 
 IDS = torch.tensor(LORA_CHECK_IDS)
 
@@ -42,6 +42,7 @@ def test_the_merged_model_equals_the_adapted_one_and_replaces_the_output_whole(a
     stale = output_dir / "merged" / "stale.txt"
     stale.parent.mkdir()
     stale.write_text("from an earlier export")
+    (stale.parent / EXPORT_MARK).write_text("{}")  # an earlier export's directory: export may replace it
 
     result = run_export(config)  # the base comes from adapter_config.json
     assert result["base"] == str(tiny_pair["expert"]) and result["output"] == str(output_dir / "merged")
@@ -49,6 +50,7 @@ def test_the_merged_model_equals_the_adapted_one_and_replaces_the_output_whole(a
     merged_dir = output_dir / "merged"
     assert not stale.exists() and (merged_dir / "tokenizer_config.json").is_file()
     assert not (merged_dir / "adapter_config.json").exists()
+    assert json.loads((merged_dir / EXPORT_MARK).read_text())["adapter"] == str(output_dir / "model")
     assert [p.name for p in output_dir.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert result["parameters"] == sum(p.numel() for p in merged.parameters())
@@ -82,3 +84,47 @@ def test_what_cannot_be_merged_is_refused_naming_it(adapter, tiny_pair, tmp_path
     recorded = json.loads((adapter["dir"] / "adapter_config.json").read_text())
     (orphan / "adapter_config.json").write_text(json.dumps({**recorded, "base_model_name_or_path": ""}))
     assert "names no base model: set expert.path" in refused(f"export.adapter={orphan}")
+
+
+def _tree(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["output_dir", "other_data"])
+def test_export_refuses_a_directory_it_did_not_write(adapter, tmp_path, target):
+    """export.output naming a run's output_dir (or any other non-empty directory) is refused, and nothing is lost."""
+    output_dir = adapter["dir"].parent
+    results = output_dir / "eval" / "results.json"
+    results.parent.mkdir(exist_ok=True)
+    results.write_text('{"models": {}}')
+    if target == "output_dir":
+        destination = output_dir
+    else:
+        destination = tmp_path / "data"
+        (destination / "sub").mkdir(parents=True)
+        (destination / "sub" / "notes.txt").write_text("keep me")
+    before = _tree(destination)
+    config = load_config(None, [f"output_dir={output_dir}", f"export.output={destination}"])
+    with pytest.raises(LightReasonerError, match="lightreasoner_export.json.*refusing to replace it") as caught:
+        run_export(config)
+    assert "\n" not in str(caught.value)
+    assert ("a run's output_dir" in str(caught.value)) == (target == "output_dir")
+    assert _tree(destination) == before
+    assert [p.name for p in destination.parent.iterdir() if p.name.startswith(f".{destination.name}.")] == []
+
+
+def test_export_replaces_an_older_unmarked_export_and_removes_a_killed_exports_leftovers(adapter, tmp_path, tiny_pair):
+    """A model directory written before the mark (config.json, weights, tokenizer only) is still an export's;
+    the hidden staging and retired copies a killed export left beside it are removed."""
+    output_dir = adapter["dir"].parent
+    destination = tmp_path / "old_merged"
+    shutil.copytree(tiny_pair["expert"], destination)
+    assert not (destination / EXPORT_MARK).exists()
+    leftover = tmp_path / f".{destination.name}.0123abcd.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    retired = tmp_path / f".{destination.name}.4567ef.old"
+    retired.mkdir()
+    run_export(load_config(None, [f"output_dir={output_dir}", f"export.output={destination}"]))
+    assert (destination / EXPORT_MARK).is_file()
+    assert not leftover.exists() and not retired.exists()

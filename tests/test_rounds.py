@@ -140,3 +140,35 @@ def test_two_rounds_through_the_cli_resume_after_a_kill_in_round_two(tiny_pair, 
     assert rounds[0]["baseline_accuracy"] is not None and rounds[1]["baseline_accuracy"] is None
     markdown = (out / "rounds.md").read_text()
     assert "after round 1" in markdown and "after round 2" in markdown and "expert (before round 1)" in markdown
+
+
+def test_growing_rounds_continues_from_the_last_finished_rounds_model(problems_file, tmp_path, monkeypatch):
+    """rounds=2 finished, then rounds=3: round 3 samples with round 2's merged model, never an empty path."""
+    import lightreasoner_ray.runs.rounds as rounds
+
+    ran: list[tuple[str, str]] = []
+    merged: list[str] = []
+
+    def fake_round(config, eval_models=None):
+        ran.append((config.output_dir, config.expert.path))
+        return {}
+
+    def fake_next_expert(config, reuse=False):
+        merged.append(config.output_dir)
+        return str(Path(config.output_dir, "merged"))
+
+    monkeypatch.setattr(rounds, "run_round", fake_round)
+    monkeypatch.setattr(rounds, "next_expert", fake_next_expert)
+    monkeypatch.setattr(rounds, "round_row", lambda number, config, report, wall: {"round": number})
+    monkeypatch.setattr(rounds, "rounds_markdown", lambda summary: "")
+    common = ["data.limit=4", "data.shuffle=false", f"data.problems={problems_file}", f"output_dir={tmp_path}",
+              "expert.path=/m/expert"]
+    rounds.run_rounds(load_config(TINY, ["rounds=2", *common]))
+    assert [expert for _, expert in ran] == ["/m/expert", str(tmp_path / "merged")]
+    ran.clear()
+    rounds.run_rounds(load_config(TINY, ["rounds=3", *common]))
+    # Rounds 1 and 2 are skipped; round 2's model is merged now (it was the last round before) and used.
+    assert ran == [(str(tmp_path / "round-3"), str(tmp_path / "round-2" / "merged"))]
+    assert merged[-1] == str(tmp_path / "round-2")
+    recorded = json.loads((tmp_path / "round-2" / "round_done.json").read_text())
+    assert recorded["next_expert"] == str(tmp_path / "round-2" / "merged")

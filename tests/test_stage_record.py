@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,3 +61,32 @@ def test_a_truncated_sampling_record_beside_samples_is_refused_not_resumed(tmp_p
     with pytest.raises(LightReasonerError, match=r"holds samples made with other settings \(its record .* is unreadable"):
         check_sampling_settings(str(record), str(tmp_path / "samples"), {"beta": 0.9})
     assert record.read_text() == '{"beta": 0.4, "alp'  # nothing overwritten
+
+
+def test_keys_added_later_let_an_older_record_resume_and_are_compared_once_recorded(tmp_path):
+    from lightreasoner_ray.io.record import StageRecord
+
+    path = str(tmp_path / "record.json")
+    Path(path).write_text(json.dumps({"beta": 0.4}))  # written before "dtype" was recorded
+
+    def refuse(changes):
+        return LightReasonerError("; ".join(changes))
+
+    StageRecord(path, {"beta": 0.4, "dtype": "float32"}, added=frozenset({"dtype"})).claim(True, refuse)
+    assert json.loads(Path(path).read_text()) == {"beta": 0.4, "dtype": "float32"}  # upgraded
+    with pytest.raises(LightReasonerError, match="dtype: 'float32' -> 'bfloat16'"):
+        StageRecord(path, {"beta": 0.4, "dtype": "bfloat16"}, added=frozenset({"dtype"})).claim(True, refuse)
+    # Without ``added`` the same old record is a change (the key compares as missing).
+    Path(path).write_text(json.dumps({"beta": 0.4}))
+    with pytest.raises(LightReasonerError, match="dtype: None -> 'float32'"):
+        StageRecord(path, {"beta": 0.4, "dtype": "float32"}).claim(True, refuse)
+
+
+def test_a_record_never_holds_a_uri_password_and_still_resumes(tmp_path):
+    from lightreasoner_ray.io.record import StageRecord
+
+    path = str(tmp_path / "record.json")
+    settings = {"tracking": "postgresql://u:pw-123@db/x", "beta": 0.4}
+    StageRecord(path, settings).claim(False, lambda changes: LightReasonerError(str(changes)))
+    assert "pw-123" not in Path(path).read_text() and "u:***@db" in Path(path).read_text()
+    StageRecord(path, settings).claim(True, lambda changes: LightReasonerError(str(changes)))  # same inputs resume

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lightreasoner_ray.io import local_dirs, storage
@@ -43,3 +45,34 @@ def test_publish_directory_copies_with_extra_files_and_replaces_the_old(tmp_path
     assert sorted(p.name for p in destination.iterdir()) == ["provenance.json", "weights"]
     assert (source / "weights").is_file() and not (source / "provenance.json").exists()  # the source is copied
     assert [p.name for p in destination.parent.iterdir()] == ["model"]
+
+
+def test_a_truncated_json_record_is_one_error_naming_the_file(tmp_path):
+    from lightreasoner_ray.errors import LightReasonerError
+
+    path = tmp_path / "sampling_settings.json"
+    storage.write_json_atomic(str(path), {"alpha": 0.2, "beta": 0.4})
+    path.write_bytes(path.read_bytes()[:12])
+    with pytest.raises(LightReasonerError, match=rf"{path}: not valid JSON.*truncated") as caught:
+        storage.read_json(str(path))
+    assert isinstance(caught.value, ValueError)  # record readers that treat a bad record as unknown still can
+    path.write_bytes(b"")
+    with pytest.raises(LightReasonerError, match="it is empty"):
+        storage.read_json(str(path))
+
+
+def test_writes_are_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Durability: the file's data reaches the disk before it takes its final name, and the rename too."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "x.json"
+    storage.write_json_atomic(str(target), {"a": 1})
+    kinds = [(kind, Path(path).name if kind == "replace" else path) for kind, path in events]
+    assert kinds[0][0] == "fsync" and Path(kinds[0][1]).name.startswith(".x.json.")  # the temporary, synced
+    assert kinds[1] == ("replace", "x.json")
+    assert kinds[2] == ("fsync", str(tmp_path))  # the directory entry

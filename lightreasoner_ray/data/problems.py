@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from lightreasoner_ray.config import DataConfig
 from lightreasoner_ray.core.grading import last_boxed
 from lightreasoner_ray.data.benchmarks import gsm8k_final_answer
-from lightreasoner_ray.data.jsonl import jsonl_rows
+from lightreasoner_ray.data.jsonl import jsonl_rows, utf8_text
 from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _iter_file_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield number, row, None
     elif suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(utf8_text(path.read_bytes(), path))
         except json.JSONDecodeError as exc:
             raise LightReasonerError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
         if isinstance(rows, dict):

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from lightreasoner_ray.config import SAMPLING_SYSTEM_PROMPT
 from lightreasoner_ray.core.update_plan import Trajectory, trajectory_from_row
 from lightreasoner_ray.data.prompts import chat_messages
+from lightreasoner_ray.data.jsonl import utf8_text
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
@@ -160,12 +161,22 @@ def check_samples_table(table: pa.Table, source: str, vocab_size: int, context: 
 def check_samples(files: Sequence[str], vocab_size: int, context: int) -> SamplesInfo:
     """Check every samples file; the summed counts, or an error naming file/row/field."""
     total = SamplesInfo([], 0, 0, 0, 0, 0)
+    seen: dict[str, str] = {}  # problem_id -> the file holding it
     for path in files:
         try:
             table = storage.read_parquet(path, columns=None)
         except (OSError, pa.ArrowInvalid) as exc:
             raise LightReasonerError(f"{path}: cannot read this samples file as Parquet: {exc}") from None
         info = check_samples_table(table, path, vocab_size, context)
+        for row, problem_id in enumerate(table.column("problem_id").to_pylist()):
+            if problem_id in seen:
+                earlier = "earlier in this file" if seen[problem_id] == path else f"in {seen[problem_id]} too"
+                raise LightReasonerError(
+                    f"{path}: row {row}, field problem_id: problem {problem_id!r} is {earlier}; one trajectory a "
+                    "problem is expected (were two runs writing one samples directory?). Re-sample into a new "
+                    "output_dir, or remove the duplicate file"
+                )
+            seen[problem_id] = path
         total = SamplesInfo(
             total.files + info.files,
             total.rows + info.rows,
@@ -287,7 +298,7 @@ def import_reference_jsonl(path: str, tokenizer: Any, vocab_size: int, output_di
     if storage.list_parquet_files(directory):
         logger.info("reusing %s, imported earlier from %s", directory, path)
         return directory
-    rows = reference_rows(data.decode("utf-8").splitlines(), path, tokenizer, vocab_size)
+    rows = reference_rows(utf8_text(data, f"train.samples: {path}").splitlines(), path, tokenizer, vocab_size)
     if not rows:
         raise LightReasonerError(f"train.samples: {path} holds no samples")
     storage.make_dirs(directory)
@@ -297,7 +308,18 @@ def import_reference_jsonl(path: str, tokenizer: Any, vocab_size: int, output_di
 
 
 def finished_problem_ids(samples_dir: str) -> set[str]:
+    """The problem ids in the finished Parquet files of ``samples_dir``; a file that cannot be read
+    raises a one-line error naming it (a partial file is never left under a finished name)."""
     done: set[str] = set()
     for path in storage.list_parquet_files(samples_dir):
-        done.update(storage.read_parquet(path, columns=["problem_id"]).column("problem_id").to_pylist())
+        try:
+            table = storage.read_parquet(path, columns=["problem_id"])
+        except (OSError, pa.ArrowException) as exc:
+            raise LightReasonerError(
+                f"{path}: cannot read this samples file as Parquet ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                "delete it to re-sample its problems, or re-run with --restart to start over"
+            ) from None
+        except KeyError:
+            raise LightReasonerError(f"{path}: no problem_id column; it is not a samples file") from None
+        done.update(table.column("problem_id").to_pylist())
     return done

@@ -14,14 +14,23 @@ from lightreasoner_ray.io.model_dirs import adapter_base_path
 logger = logging.getLogger(__name__)
 
 
-def check_inference_model(path: str, role: str) -> None:
-    """A clear error for a model (or an adapter and its base) that is not there."""
-    from lightreasoner_ray.engines.models import check_model_path
+def check_inference_model(path: str, role: str, trust_remote_code: bool = False) -> None:
+    """A clear error for a model (or an adapter and its base) that is not there, a local one
+    without weights, or one whose tokenizer has ids past its embedding rows."""
+    from lightreasoner_ray.engines.models import check_local_model, check_model_path, check_model_weights, load_tokenizer
 
     check_model_path(path, role)
     base = adapter_base_path(path)
     if base is not None:
-        check_model_path(base, f"{role} (base model of adapter {path})")
+        base_role = f"{role} (base model of adapter {path})"
+        check_model_path(base, base_role)
+        check_model_weights(path, role)
+        has_own_tokenizer = (Path(path).expanduser() / "tokenizer_config.json").is_file()
+        tokenizer_config = ModelConfig(path=path if has_own_tokenizer else base, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_config, role) if (Path(base).expanduser() / "config.json").is_file() else None
+        check_local_model(ModelConfig(path=base, trust_remote_code=trust_remote_code), base_role, tokenizer)
+    else:
+        check_local_model(ModelConfig(path=path, trust_remote_code=trust_remote_code), role)
 
 
 def load_inference_model(spec: EngineSpec, device: Any = None) -> tuple[Any, Any]:

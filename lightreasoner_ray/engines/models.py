@@ -63,6 +63,51 @@ def check_model_path(path: str, role: str) -> None:
         raise LightReasonerError(f"{role} model path {path} does not exist")
 
 
+# Files that hold a model's (or an adapter's) weights.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.safetensors.index.json",
+                   "*.bin.index.json")
+
+
+def check_model_weights(path: str, role: str) -> None:
+    """A clear error for a local model (or adapter) directory that holds no weight files."""
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        return
+    if not any(next(local.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+        raise LightReasonerError(
+            f"{role} model directory {path} holds no weights (no *.safetensors or *.bin file): "
+            "was it saved completely?"
+        )
+
+
+def check_tokenizer_fits(tokenizer: Any, model_path: str, role: str, trust_remote_code: bool = False,
+                         tokenizer_path: str | None = None) -> None:
+    """Refuse a tokenizer with ids past the model's embedding rows (``vocab_size`` in its config.json):
+    a prompt with such an id would index past the embedding inside the model."""
+    rows = int(getattr(read_model_config(model_path, trust_remote_code), "vocab_size", 0) or 0)
+    if rows <= 0:
+        return
+    special = [int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None]
+    largest = max([len(tokenizer) - 1, *special])
+    if largest >= rows:
+        raise LightReasonerError(
+            f"the {role} tokenizer ({tokenizer_path or model_path}) has token ids up to {largest} but the model "
+            f"{model_path} has {rows} embedding rows (vocab_size in its config.json): ids from {rows} on would "
+            "index past the embedding; use the tokenizer saved with the model"
+        )
+
+
+def check_local_model(config: ModelConfig, role: str, tokenizer: Any = None) -> None:
+    """For a local model directory: weights present and ``tokenizer`` (default: its own) fitting its
+    embedding. Hub names are checked where they load."""
+    local = Path(config.path).expanduser()
+    if not (local / "config.json").is_file():
+        return
+    check_model_weights(config.path, role)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config, role)
+    check_tokenizer_fits(tokenizer, config.path, role, config.trust_remote_code)
+
+
 def load_tokenizer(config: ModelConfig, role: str = "model") -> Any:
     from transformers import AutoTokenizer
 

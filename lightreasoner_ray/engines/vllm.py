@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,6 +94,12 @@ def merged_model_dir(spec: EngineSpec) -> str:
     return str(target)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _free_accelerator_memory() -> None:
     import gc
 
@@ -101,6 +108,65 @@ def _free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# On a CPU, vLLM's KV cache lives in host memory and ``gpu_memory_utilization`` reserves that share
+# of ALL of it (a GPU default of 0.5-0.9: a machine's memory taken, the process then killed for it).
+# So on a CPU ``gpu_memory_utilization`` is not used: unless the user sizes the cache
+# (``*.vllm.kv_cache_memory_bytes``, or vLLM's VLLM_CPU_KVCACHE_SPACE), it gets this share of the
+# memory available when the engine starts, at most CPU_KV_CACHE_MAX_BYTES.
+CPU_KV_CACHE_SHARE = 0.1
+CPU_KV_CACHE_MAX_BYTES = 1 << 30
+CPU_KV_CACHE_MIN_BYTES = 64 << 20
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can still hand out (MemAvailable), in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with vLLM; this is a fallback
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def cpu_kv_cache_bytes(settings: VLLMConfig, available: int, environ: dict[str, str] | None = None) -> int | None:
+    """The KV cache size to give vLLM on a CPU, or None where the user sized it.
+
+    Raises a :class:`LightReasonerError` saying what to set where the machine has too little
+    memory left for even a small cache.
+    """
+    environ = os.environ if environ is None else environ
+    if settings.kv_cache_memory_bytes is not None or environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return None
+    size = min(CPU_KV_CACHE_MAX_BYTES, int(available * CPU_KV_CACHE_SHARE))
+    if size < CPU_KV_CACHE_MIN_BYTES:
+        raise LightReasonerError(
+            f"vLLM on this CPU: only {available / 2**20:.0f} MiB of memory is available, too little for a KV cache "
+            f"of {CPU_KV_CACHE_MIN_BYTES >> 20} MiB; free memory, or set *.vllm.kv_cache_memory_bytes explicitly, "
+            "or use engine=hf"
+        )
+    return size
+
+
+def check_cpu_head_size(model_dir: str, trust_remote_code: bool) -> None:
+    """Refuse, before vLLM starts, a model whose attention head size vLLM's CPU backend has no kernel for."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM: it will say so itself
+        return
+    from lightreasoner_ray.engines.models import read_model_config
+
+    config = read_model_config(model_dir, trust_remote_code)
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_size = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    if supported and head_size and head_size not in supported:
+        raise LightReasonerError(
+            f"vLLM's CPU backend cannot serve {model_dir}: its attention head size is {head_size}, and the backend "
+            f"supports {', '.join(map(str, supported))}; use engine=hf for this model"
+        )
 
 
 def _vllm_dtype(settings: VLLMConfig, model_dtype: str) -> str:
@@ -156,6 +222,13 @@ class VLLMEngine:
         )
         if settings.kv_cache_memory_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
+        if not _has_cuda():
+            check_cpu_head_size(model_dir, spec.trust_remote_code)
+            cpu_cache = cpu_kv_cache_bytes(settings, available_memory_bytes())
+            if cpu_cache is not None:
+                engine_args["kv_cache_memory_bytes"] = cpu_cache
+                logger.info("vLLM on CPU: a %d MiB KV cache (set *.vllm.kv_cache_memory_bytes to change it)",
+                            cpu_cache >> 20)
         try:
             self.llm = LLM(**engine_args)
         except (ValueError, RuntimeError) as exc:

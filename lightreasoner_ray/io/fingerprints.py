@@ -92,3 +92,36 @@ def samples_fingerprint(files: Iterable[str]) -> str:
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def text_fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-able ``parts`` (a problem's prompt, a benchmark row's question and answer)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def problem_fingerprints(problems: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """``{problem_id: hash of its prompt token ids}``: the question as the models see it."""
+    return {str(problem["problem_id"]): text_fingerprint(list(problem["prompt_ids"])) for problem in problems}
+
+
+def rows_fingerprint(rows: Iterable[dict[str, Any]], fields: tuple[str, ...] = ("id", "question", "answer")) -> str:
+    """One hash of benchmark rows' ids, questions and gold answers (in order)."""
+    return text_fingerprint([[row.get(field) for field in fields] for row in rows])
+
+
+def resolved_dtype_name(requested: str, gpus: float) -> str:
+    """The dtype a model configured with ``requested`` runs in, as far as the driver can tell:
+    ``auto`` is float32 on CPU (``gpus`` = 0), and on a GPU bfloat16 where the GPU has it, else
+    float16 (named ``auto-gpu`` when the driver sees no GPU to ask)."""
+    if requested != "auto":
+        return requested
+    if gpus <= 0:
+        return "float32"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    except Exception:  # no torch, or a GPU that cannot be asked: say what is known
+        pass
+    return "auto-gpu"

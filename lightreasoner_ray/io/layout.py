@@ -28,6 +28,7 @@ by an earlier version must still resume, so a name here changes only with a migr
         <variant>-seed<s>/     one trained variant (its samples/, checkpoints/, model/; merged/ for rounds)
         lightreasoner-seed<s>-round<r>/        round r's samples; its training in train/
       logs/                    the console's log files
+      .lightreasoner.lock      the output_dir lock: who is writing here now (io.lock)
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ DEMO_DATA = "data"
 DEMO_ALL_STEPS = "all_steps"
 DEMO_ROUND_TRAINING = "train"
 LOGS = "logs"
+LOCK = ".lightreasoner.lock"
 # Tracking's default stores under output_dir (tracking.uri empty); W&B keeps its files in its own "wandb".
 MLFLOW_DB, MLFLOW_ARTIFACTS, TENSORBOARD, WANDB = "mlflow.db", "mlruns", "tensorboard", "wandb"
 # What a command writes into output_dir before any stage runs (console logs, tracking stores).
-RUN_RECORDS = frozenset({LOGS, MLFLOW_DB, MLFLOW_ARTIFACTS, TENSORBOARD, WANDB})
+RUN_RECORDS = frozenset({LOGS, LOCK, MLFLOW_DB, MLFLOW_ARTIFACTS, TENSORBOARD, WANDB})
 IMPORTED_SAMPLES = "imported_samples"
 RESULTS = "results"  # results.json, results.md, results.png
 SHARD = "shard-{index:05d}.jsonl"
@@ -234,6 +236,10 @@ class RunLayout:
     @property
     def logs(self) -> str:
         return self.path(LOGS)
+
+    @property
+    def lock(self) -> str:
+        return self.path(LOCK)
 
     # ---- compare, inspect
     def comparison(self, before: str, after: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lightreasoner_ray.config import redact_tree
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 
@@ -138,11 +139,19 @@ class StageRecord:
     identity: frozenset[str] = frozenset()
     compare_dropped: bool = False
     missing: Any = None
+    # Keys added to the record by a later version: a record written before them (an older
+    # output_dir) lacks them and still resumes, unchecked on those keys (logged); the record is
+    # then rewritten with the current values, so later runs compare them.
+    added: frozenset[str] = frozenset()
     unreadable_is_unrecorded: bool = False
     # How a refusal names one change (the demo lists the changed keys alone).
     describe: Callable[[str, Any, Any], str] = describe_change
     # A record with structure of its own (training's provenance) compares itself: (recorded) -> changes.
     compare: Optional[Callable[[dict[str, Any]], list[str]]] = None
+
+    def __post_init__(self) -> None:
+        # Never a URI's password in a record: settings are compared as recorded, redacted.
+        self.settings = redact_tree(self.settings)
 
     def read(self) -> Optional[dict[str, Any]]:
         return read_record(self.path)
@@ -160,7 +169,12 @@ class StageRecord:
 
     def changed_keys(self, recorded: dict[str, Any]) -> list[str]:
         return [key for key in self.compared_keys(recorded)
-                if recorded.get(key, self.missing) != self.settings.get(key, self.missing)]
+                if not (key in self.added and key not in recorded)
+                and recorded.get(key, self.missing) != self.settings.get(key, self.missing)]
+
+    def unrecorded_added_keys(self, recorded: dict[str, Any]) -> list[str]:
+        """The ``added`` keys an older ``recorded`` lacks (not checked this once)."""
+        return sorted(key for key in self.added if key in self.settings and key not in recorded)
 
     def changes(self, recorded: dict[str, Any]) -> list[str]:
         """What differs from ``recorded`` (``describe`` phrases; empty when nothing does)."""
@@ -196,6 +210,11 @@ class StageRecord:
                 replaced(recorded)
                 self.write()
                 return recorded
+            unchecked = self.unrecorded_added_keys(recorded)
+            if unchecked:
+                logger.warning("%s predates the record of %s: resuming without checking them, and recording "
+                               "their current values from now on", self.path, ", ".join(unchecked))
+                self.write()
             return recorded
         self.write()
         return recorded

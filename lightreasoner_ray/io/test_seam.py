@@ -8,7 +8,11 @@ Hooks read their own parameters from further ``LIGHTREASONER_TEST_*`` variables.
 
 Points: ``sampling.file_written`` (``files``: Parquet files written so far by this job),
 ``train.update_started`` (``step``, ``rank``), ``train.micro_batch_loss`` (``step``, ``rank``,
-``value``: the micro-batch's summed KL).
+``value``: the micro-batch's summed KL), ``storage.writing`` (``path``, ``temporary``: a local file
+half written under its temporary name), ``storage.publish_staged`` (``destination``, ``staging``: a
+local publish staged, not yet renamed), ``storage.publish_file_copied`` (``destination``, ``files``:
+files uploaded so far by a URI publish), ``export.staged`` (``output``, ``staging``: the merged
+model saved, not yet renamed into place).
 
 Processes a cluster started before a test set the variables (Ray Train workers) get them
 from the driver: :func:`forwarded_environment` there, :func:`adopt` in the worker.

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from lightreasoner_ray.config import Config
+from lightreasoner_ray.config import Config, redact_tree
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.stages.evaluation.stage import run_evaluation
@@ -213,6 +213,7 @@ def rejection_markdown(report: dict[str, Any]) -> str:
 
 def write_report(output_dir: str, report: dict[str, Any]) -> dict[str, str]:
     paths = RunLayout(output_dir).report
+    report = redact_tree(report)  # model paths may be URIs with credentials
     storage.write_json_atomic(paths["json"], report)
     storage.write_bytes_atomic(paths["markdown"], report_markdown(report).encode("utf-8"))
     return paths

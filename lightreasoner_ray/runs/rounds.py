@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from lightreasoner_ray.config import Config, ExportConfig
+from lightreasoner_ray.config import Config, ExportConfig, redact_tree
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
@@ -134,7 +134,12 @@ def run_rounds(config: Config) -> dict[str, Any]:
         if done is not None:
             logger.info("round %d/%d already finished in %s, skipped", number, config.rounds, current.output_dir)
             rows.append(done["row"])
-            expert = done["next_expert"]
+            expert = done.get("next_expert") or ""
+            if not expert and number < config.rounds:
+                # The last round of an earlier, shorter run left no next expert: make it now
+                # (``rounds`` grew), and record it so the next re-submission skips this too.
+                expert = next_expert(current)
+                round_record(current, done["row"], expert).write()
             continue
         logger.info("round %d/%d: expert %s, problems %d..%d of %s", number, config.rounds, expert,
                     current.data.offset, current.data.offset + current.data.limit - 1, current.data.problems)
@@ -146,7 +151,7 @@ def run_rounds(config: Config) -> dict[str, Any]:
         round_record(current, row, expert_after).write()
         rows.append(row)
         expert = expert_after
-    summary = {"output_dir": config.output_dir, "rounds": rows}
+    summary = redact_tree({"output_dir": config.output_dir, "rounds": rows})
     paths = RunLayout(config.output_dir).rounds_report
     storage.write_json_atomic(paths["json"], summary)
     storage.write_bytes_atomic(paths["markdown"], rounds_markdown(summary).encode("utf-8"))

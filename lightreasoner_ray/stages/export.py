@@ -4,13 +4,16 @@ The adapter is ``export.adapter`` (default ``<output_dir>/model``, where trainin
 it); the base model is ``expert.path`` when given, else the base recorded in the
 adapter's ``adapter_config.json``. The merged model and the tokenizer are written to
 ``export.output`` (default ``<output_dir>/merged``), replacing it whole: readers never
-see a half-written directory.
+see a half-written directory. Beside the model goes ``lightreasoner_export.json`` (what was
+merged); export replaces only a directory holding that mark (or an empty one), and refuses
+anything else, so pointing ``export.output`` at a run's output_dir or other data loses nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -21,11 +24,44 @@ import torch
 from lightreasoner_ray.config import Config
 from lightreasoner_ray.engines.models import DTYPES, check_model_path, read_model_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.io import local_dirs
+from lightreasoner_ray.io import local_dirs, test_seam
 from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.io.model_dirs import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
+
+# Written into every exported model directory: what export may replace.
+EXPORT_MARK = "lightreasoner_export.json"
+
+
+def check_export_target(target: Path) -> None:
+    """Refuse to replace ``target`` unless it is absent, empty, or a model directory export wrote."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise LightReasonerError(f"export.output={target} exists and is not a directory; choose a new directory")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries or (target / EXPORT_MARK).is_file() or _is_unmarked_export(target, entries):
+        return
+    looks_like_run = {"samples", "model", "eval", "checkpoints", "sampling_settings.json", ".lightreasoner.lock",
+                      "logs", "train_summary.json"} & set(entries)
+    what = "a run's output_dir" if looks_like_run else "a directory"
+    raise LightReasonerError(
+        f"export.output={target} is {what} holding {len(entries)} entries ({', '.join(entries[:3])}"
+        f"{', ...' if len(entries) > 3 else ''}) and no {EXPORT_MARK}, so `lightreasoner export` did not write it: "
+        "refusing to replace it; choose a new or empty directory (the default is <output_dir>/merged)"
+    )
+
+
+# What an export written before the mark existed holds: a full model and its tokenizer, nothing else.
+_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?|tokenizer.*|"
+                          r"special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.jinja)$")
+
+
+def _is_unmarked_export(target: Path, entries: list[str]) -> bool:
+    return "config.json" in entries and all(_MODEL_FILES.match(name) and (target / name).is_file() for name in entries)
+
 
 def export_paths(config: Config) -> tuple[str, str]:
     """(adapter directory, merged model directory) after applying the defaults."""
@@ -73,6 +109,7 @@ def run_export(config: Config) -> dict[str, Any]:
         if "://" in value:
             raise LightReasonerError(f"{name}={value}: export works on local directories; copy the adapter locally first")
     adapter = Path(adapter_path).expanduser()
+    check_export_target(Path(output_path).expanduser())  # before minutes of merging
     if not adapter.is_dir():
         raise LightReasonerError(f"export.adapter: {adapter} does not exist (train first, or set export.adapter)")
     recorded_base = _adapter_base(adapter)  # also rejects a full model given as the adapter
@@ -92,10 +129,17 @@ def run_export(config: Config) -> dict[str, Any]:
 
     target = Path(output_path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in local_dirs.remove_leftovers(target):
+        logger.info("removed %s, left by an interrupted export", leftover)
+    mark = {"adapter": str(adapter), "base": base, "dtype": str(dtype).removeprefix("torch."),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     staging = local_dirs.staging_path(target)
     try:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / EXPORT_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
+        test_seam.reached("export.staged", output=str(target), staging=str(staging))
+        check_export_target(target)  # again: something may have appeared there while merging
         local_dirs.replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -103,7 +147,7 @@ def run_export(config: Config) -> dict[str, Any]:
         "adapter": str(adapter),
         "base": base,
         "output": str(target),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": mark["dtype"],
         "parameters": sum(p.numel() for p in merged.parameters()),
         "wall_time_s": time.time() - started,
     }

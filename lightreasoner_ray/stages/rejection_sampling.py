@@ -31,6 +31,7 @@ from lightreasoner_ray.core.grading import extract_answer, is_equivalent
 from lightreasoner_ray.data.sample_sets import sft_rows, tuned_tokens, write_sample_set
 from lightreasoner_ray.data.samples import finished_problem_ids
 from lightreasoner_ray.engines.base import EngineSpec
+from lightreasoner_ray.engines.hf import check_inference_model
 from lightreasoner_ray.engines.registry import resolve_engine_factory
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
@@ -193,6 +194,7 @@ def run_rejection_sampling(config: Config, restart: bool = False) -> dict[str, A
     if engine != "hf":  # a missing vLLM or a bad factory path fails before any work
         resolve_engine_factory(engine, "rejection_sft.engine")
     problems, info = prepare_problems(config, with_answers=True)
+    check_inference_model(config.expert.path, "expert", config.expert.trust_remote_code)
     if restart:
         restart_stage("rejection_sft", [directory])
     storage.make_dirs(solutions_dir)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
+from lightreasoner_ray.config import redact
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import RunLayout
@@ -55,6 +56,7 @@ def active_console() -> Optional[Console]:
 
 def echo(text: str) -> None:
     """A line meant for the user: on the terminal in quiet mode (and in the log), else on stdout."""
+    text = redact(text)
     if _console is None:
         print(text, flush=True)
         return
@@ -125,6 +127,13 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or _stage_depth.get() <= 1
 
 
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose lines never hold a URI's password or token (config.redact)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """Writes between progress-bar redraws (tqdm.write), so a line never lands inside a bar."""
 
@@ -176,9 +185,9 @@ def quiet_console(output_dir: str, command: str, verbose: bool = False, level: s
     previous_level = root.level
     log_stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
     file_handler = logging.StreamHandler(log_stream)
-    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    file_handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     console_handler = _ConsoleHandler(console.err)
-    console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    console_handler.setFormatter(RedactingFormatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     console_handler.addFilter(_ConsoleFilter())
     console_handler.setLevel(level.upper())
     root.addHandler(file_handler)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
 
-from lightreasoner_ray.config import flatten_tree
+from lightreasoner_ray.config import flatten_tree, redact
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import MLFLOW_ARTIFACTS, MLFLOW_DB, TENSORBOARD, WANDB
@@ -94,7 +94,7 @@ class MlflowSink:
             experiment.experiment_id if experiment is not None
             else client.create_experiment(project, artifact_location=artifact_location)
         )
-        logger.info("MLflow: experiment %r at %s", project, uri)
+        logger.info("MLflow: experiment %r at %s", project, redact(uri))
         return cls(client, experiment_id, name)
 
     def log_params(self, params: dict[str, str]) -> None:
@@ -245,7 +245,9 @@ class TrackedRun:
                     logger.warning("tracking (%s) could not %s for run %s: %s", type(sink).__name__, action, self.name, exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        text = {key: json.dumps(value) if not isinstance(value, str) else value for key, value in flatten_tree(params).items()}
+        # Whatever the caller passed, a URI's password never reaches a tracker.
+        text = {key: redact(json.dumps(value) if not isinstance(value, str) else value)
+                for key, value in flatten_tree(params).items()}
         self._each("log parameters", lambda sink: sink.log_params(text))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:

@@ -22,6 +22,14 @@ from lightreasoner_ray.core.scoring import grade_rows
 from lightreasoner_ray.data.prompts import encode_prompt, eval_prompt
 from lightreasoner_ray.engines.base import Completion, EngineFactory, EngineSpec
 from lightreasoner_ray.errors import LightReasonerError
+from lightreasoner_ray.io.test_seam import reached
+from lightreasoner_ray.stages.ray_helpers import (
+    ACTOR_MAX_RESTARTS,
+    ACTOR_MAX_TASK_RETRIES,
+    raise_worker_error,
+    wait_for_placement,
+    worker_error,
+)
 from lightreasoner_ray.ui.console import progress_stream
 
 logger = logging.getLogger(__name__)
@@ -84,6 +92,7 @@ class Evaluator:
     def start(self) -> float:
         """Load the model; returns the seconds it took."""
         started = time.perf_counter()
+        reached("evaluation.actor_loading")
         self.engine = self.engine_factory(self.spec)
         return time.perf_counter() - started
 
@@ -95,6 +104,7 @@ class Evaluator:
         """
         if self.engine is None:  # a restarted actor
             self.start()
+        reached("evaluation.generating", benchmark=benchmark, rows=len(rows))
         tokenizer = self.engine.tokenizer
         texts = [eval_prompt(tokenizer, row, benchmark, self.prompt_style, self.system_prompt) for row in rows]
         outputs = self.engine.generate([encode_prompt(tokenizer, text, self.prompt_style) for text in texts])
@@ -118,15 +128,24 @@ def completion_texts(output: Any) -> list[str]:
 
 # ---- the Ray pool ---------------------------------------------------------------------
 
+# Fresh actors the pool creates, in all, to replace evaluator actors that died (each after Ray's
+# own restarts of it: ACTOR_MAX_RESTARTS); one more death fails the evaluation.
+ACTOR_RECREATIONS = 2
 
-def _ray_get(ray: Any, refs: Any) -> Any:
-    """``ray.get`` that re-raises a user-facing error from a task as itself, not wrapped."""
+
+class _ActorLost(Exception):
+    """An evaluator actor (or its node) died; its shards go back to the queue."""
+
+
+def _ray_get(ray: Any, refs: Any, stage: str = "evaluation") -> Any:
+    """``ray.get`` that raises a dead actor as :class:`_ActorLost` and any other error from a
+    worker as its one-line :class:`LightReasonerError`."""
     try:
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, LightReasonerError):
-            raise LightReasonerError(str(cause)) from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise _ActorLost(exc) from exc
+    except ray.exceptions.RayError as exc:
+        raise_worker_error(exc, stage)
         raise
 
 
@@ -138,35 +157,93 @@ def run_pool(
     on_graded: Callable[[Shard, list[dict[str, Any]]], None],
     description: str = "evaluating",
 ) -> dict[str, float]:
-    """Generate and grade ``shards`` on a pool of evaluator actors; ``on_graded`` gets each result."""
+    """Generate and grade ``shards`` on a pool of evaluator actors; ``on_graded`` gets each result.
+
+    An actor that dies is restarted by Ray (``ACTOR_MAX_RESTARTS`` times, its tasks retried);
+    past that the pool replaces it with a fresh actor, ``ACTOR_RECREATIONS`` times in all, and
+    hands its shards out again; one more death is a one-line :class:`LightReasonerError`.
+    """
     import ray
 
     actor_class = ray.remote(Evaluator).options(
         num_cpus=eval_config.cpus_per_actor,
         num_gpus=eval_config.gpus_per_actor,
-        max_restarts=1,
-        max_task_retries=1,
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     grade_task = ray.remote(grade_rows).options(num_cpus=eval_config.grading_cpus)
-    _warn_if_unplaceable(ray, eval_config)
-    actors: list[Any] = [
-        actor_class.remote(engine_factory, spec, eval_config.system_prompt, eval_config.prompt)
-        for _ in range(min(eval_config.num_actors, len(shards)))
-    ]
+    wait_for_placement("evaluator", eval_config.cpus_per_actor, eval_config.gpus_per_actor)
+
+    def new_actor() -> Any:
+        return actor_class.remote(engine_factory, spec, eval_config.system_prompt, eval_config.prompt)
+
+    actors: list[Any] = [new_actor() for _ in range(min(eval_config.num_actors, len(shards)))]
     queue = deque(shards)
     starting = {actor.start.remote(): index for index, actor in enumerate(actors)}
     generating: dict[Any, tuple[int, Shard]] = {}
     grading: dict[Any, Shard] = {}
+    grading_of: dict[Any, Any] = {}  # generate ref -> its grading ref
+    generated_by: dict[Any, Any] = {}  # grading ref -> its generate ref
     held = [0] * len(actors)
     load_seconds: list[float] = []
+    recreated = 0
 
     def hand_out(actor_index: int) -> None:
         shard = queue.popleft()
         rows_ref = ray.put(shard.rows)
         outputs_ref = actors[actor_index].generate.remote(rows_ref, shard.benchmark)
         generating[outputs_ref] = (actor_index, shard)
-        grading[grade_task.remote(shard.benchmark, rows_ref, outputs_ref)] = shard
+        grading_ref = grade_task.remote(shard.benchmark, rows_ref, outputs_ref)
+        grading[grading_ref] = shard
+        grading_of[outputs_ref] = grading_ref
+        generated_by[grading_ref] = outputs_ref
         held[actor_index] += 1
+
+    def dispatch() -> None:
+        """Hand queued shards to live actors with room; start one where none is alive or starting."""
+        for index, actor in enumerate(actors):
+            while queue and actor is not None and index not in starting.values() and held[index] < SHARDS_PER_ACTOR:
+                hand_out(index)
+        if queue and not starting and not any(actor is not None and held[i] for i, actor in enumerate(actors)):
+            index = next((i for i, actor in enumerate(actors) if actor is None), None)
+            if index is None:
+                actors.append(None)
+                held.append(0)
+                index = len(actors) - 1
+            actors[index] = new_actor()
+            starting[actors[index].start.remote()] = index
+
+    def replace(actor_index: int, lost: _ActorLost) -> None:
+        """Put back every shard the dead actor held; start a fresh actor in its place (bounded)."""
+        nonlocal recreated
+        for ref, (index, shard) in list(generating.items()):
+            if index == actor_index:
+                del generating[ref]
+                grading_ref = grading_of.pop(ref, None)
+                grading.pop(grading_ref, None)
+                generated_by.pop(grading_ref, None)
+                queue.appendleft(shard)
+        for ref, index in list(starting.items()):
+            if index == actor_index:
+                del starting[ref]
+        held[actor_index] = 0
+        cause = worker_error(lost.__cause__ or lost, "evaluation")
+        reason = str(cause) if cause is not None else str(lost)
+        if recreated >= ACTOR_RECREATIONS:
+            raise LightReasonerError(
+                f"evaluation of {spec.model_path}: evaluator actors died {recreated + 1} times (past Ray's "
+                f"{ACTOR_MAX_RESTARTS} restarts of each), the last: {reason.removeprefix('evaluation: ')}"
+            ) from None
+        recreated += 1
+        logger.warning("evaluator actor %d died (%s); starting a fresh one (%d of %d)", actor_index, reason,
+                       recreated, ACTOR_RECREATIONS)
+        try:
+            ray.kill(actors[actor_index])
+        except Exception:  # already gone
+            pass
+        actors[actor_index] = new_actor()
+        starting[actors[actor_index].start.remote()] = actor_index
+        dispatch()
 
     started = time.perf_counter()
     first_ready = started
@@ -178,7 +255,11 @@ def run_pool(
                 (ready,), _ = ray.wait([*starting, *generating, *grading], num_returns=1)
                 if ready in starting:
                     actor_index = starting.pop(ready)
-                    load_seconds.append(_ray_get(ray, ready))
+                    try:
+                        load_seconds.append(_ray_get(ray, ready))
+                    except _ActorLost as lost:
+                        replace(actor_index, lost)
+                        continue
                     if len(load_seconds) == 1:
                         first_ready = time.perf_counter()
                         logger.info("first evaluator of %s ready after %.1fs", spec.model_path, first_ready - started)
@@ -189,8 +270,14 @@ def run_pool(
                         ray.kill(actors[actor_index])
                         actors[actor_index] = None
                 elif ready in generating:
-                    actor_index, _shard = generating.pop(ready)
-                    _ray_get(ray, ready)
+                    actor_index, _shard = generating[ready]
+                    try:
+                        _ray_get(ray, ready)
+                    except _ActorLost as lost:
+                        replace(actor_index, lost)
+                        continue
+                    del generating[ready]
+                    grading_of.pop(ready, None)
                     held[actor_index] -= 1
                     if queue:
                         hand_out(actor_index)
@@ -200,7 +287,20 @@ def run_pool(
                         actors[actor_index] = None
                 else:
                     shard = grading.pop(ready)
-                    on_graded(shard, _ray_get(ray, ready))
+                    outputs_ref = generated_by.pop(ready, None)
+                    try:
+                        graded = _ray_get(ray, ready)
+                    except (_ActorLost, ray.exceptions.ObjectLostError) as lost:
+                        # Its generated rows were lost with an actor or a node. While that generate
+                        # call is pending, its own failure hands the shard out again; once it has
+                        # returned, the shard goes back to the queue here.
+                        if outputs_ref not in generating:
+                            logger.warning("the generated rows of a %s shard were lost (%s); generating it again",
+                                           shard.benchmark, type(lost.__cause__ or lost).__name__)
+                            queue.appendleft(shard)
+                            dispatch()
+                        continue
+                    on_graded(shard, graded)
                     progress.update(1)
     finally:
         for actor in actors:
@@ -216,14 +316,3 @@ def run_pool(
         "generate_and_grade_s": finished - first_ready,
         "total_s": finished - started,
     }
-
-
-def _warn_if_unplaceable(ray: Any, eval_config: EvalConfig) -> None:
-    """A pool nothing in the cluster can host waits for an autoscaler; say so up front."""
-    available = ray.cluster_resources()
-    for resource, wanted in (("CPU", eval_config.cpus_per_actor), ("GPU", eval_config.gpus_per_actor)):
-        if wanted > available.get(resource, 0.0):
-            logger.warning(
-                "an evaluator actor needs %s %s but the cluster has %s; actors wait until the cluster grows",
-                wanted, resource, available.get(resource, 0.0),
-            )

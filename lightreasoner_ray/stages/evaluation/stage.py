@@ -224,7 +224,7 @@ def run_evaluation(config: Config, engine_factory: Optional[EngineFactory] = Non
     check_benchmark_names(eval_config.benchmarks)
     models = evaluated_models(config)
     for model in models:
-        check_inference_model(model.path, f"eval model {model.tag!r}")
+        check_inference_model(model.path, f"eval model {model.tag!r}", config.expert.trust_remote_code)
     shards_by_benchmark = {
         name: make_shards(name, rows, eval_config.shard_size) for name, rows in load_benchmarks(eval_config).items()
     }

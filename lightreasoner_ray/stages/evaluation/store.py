@@ -13,16 +13,18 @@ import json
 import logging
 from typing import Any, Optional
 
-from lightreasoner_ray.core.scoring import PREDICTION_FIELDS
+from lightreasoner_ray.core.scoring import PREDICTION_FIELDS, grade_rows
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.layout import EvalModelLayout
-from lightreasoner_ray.io.record import StageRecord, remove_path
+from lightreasoner_ray.io.fingerprints import rows_fingerprint
+from lightreasoner_ray.io.record import StageRecord, read_record, remove_path
 from lightreasoner_ray.stages.evaluation.pool import Shard
 
 logger = logging.getLogger(__name__)
 
 MODEL_FINGERPRINT = "model_fingerprint"
+BENCHMARK_ROWS = "benchmark_rows"
 
 
 def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
@@ -37,22 +39,52 @@ def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
 def read_finished_shard(path: str, shard: Shard, model_fingerprint: str = "") -> Optional[list[dict[str, Any]]]:
     """The graded rows of a shard written by an earlier run, or None when it must be (re)done.
 
-    With ``model_fingerprint``, rows recorded for other weights (or for none) are redone.
+    With ``model_fingerprint``, rows recorded for other weights (or for none) are redone. Rows
+    whose question differs from the shard's (the benchmark file changed) are redone; rows whose
+    gold answer differs are regraded against the current one.
     """
+    return _finished_shard(path, shard, model_fingerprint)[0]
+
+
+def _finished_shard(path: str, shard: Shard, model_fingerprint: str = "") -> tuple[Optional[list[dict[str, Any]]], bool]:
+    """(rows or None, whether they were regraded)."""
     if not storage.exists(path):
-        return None
+        return None, False
     try:
         rows = read_jsonl_rows(path)
     except (OSError, ValueError) as exc:
         logger.warning("%s is unreadable (%s); recomputing it", path, exc)
-        return None
+        return None, False
     if [str(row.get("id")) for row in rows] != shard.ids or any(set(PREDICTION_FIELDS) - set(row) for row in rows):
         logger.warning("%s does not hold this shard's rows (limit or shard_size changed?); recomputing it", path)
-        return None
+        return None, False
     if model_fingerprint and any(row.get(MODEL_FINGERPRINT) != model_fingerprint for row in rows):
         logger.warning("%s holds predictions of other weights; recomputing it", path)
-        return None
-    return rows
+        return None, False
+    # The benchmark rows themselves (eval.data_dir may name another copy): a changed question is
+    # another problem, so its prediction is redone; a changed gold answer only needs regrading.
+    if any(str(row.get("question")) != str(current["question"]) for row, current in zip(rows, shard.rows)):
+        logger.warning("%s was generated for other questions (the benchmark file changed); recomputing it", path)
+        return None, False
+    if any(str(row.get("answer")) != str(current["answer"]) for row, current in zip(rows, shard.rows)):
+        logger.warning("%s was graded against other gold answers (the benchmark file changed); regrading it", path)
+        return regrade(shard, rows), True
+    return rows, False
+
+
+def regrade(shard: Shard, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` (predictions of ``shard``'s questions) graded again against the shard's gold answers."""
+    outputs: list[Any] = []
+    for row in rows:
+        if "prompt" in row or "outputs" in row:
+            output: dict[str, Any] = {"output": row.get("output", ""), "prompt": row.get("prompt", "")}
+            if "outputs" in row:
+                output["outputs"] = row["outputs"]
+            outputs.append(output)
+        else:
+            outputs.append(row.get("output", ""))
+    graded = grade_rows(shard.benchmark, shard.rows, outputs)
+    return [{**old, **new} for new, old in zip(graded, rows)]
 
 
 def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
@@ -66,7 +98,9 @@ def check_generation_settings(model_dir: str, settings: dict[str, Any]) -> None:
     """
     record = StageRecord(
         EvalModelLayout(model_dir).generation_settings, settings,
-        informational=frozenset({"model_path"}), identity=frozenset({MODEL_FINGERPRINT}),
+        # benchmark_rows: the benchmark rows' fingerprints, for the reader; every prediction row carries its
+        # question and gold answer, and PredictionStore.resume checks those row by row.
+        informational=frozenset({"model_path", BENCHMARK_ROWS}), identity=frozenset({MODEL_FINGERPRINT}),
         # Greedy decoding leaves the sampling keys out, so going back to it is a change too.
         compare_dropped=True,
         # Predictions are re-made cheaply: an unreadable record is as good as none.
@@ -118,14 +152,29 @@ class PredictionStore:
             if storage.remove_stale_temporaries(directory):
                 logger.info("removed partial files an interrupted run left in %s", directory)
             for shard in shards:
-                rows = read_finished_shard(self.layout.shard(name, shard.index), shard, self.model_fingerprint)
+                path = self.layout.shard(name, shard.index)
+                rows, regraded = _finished_shard(path, shard, self.model_fingerprint)
                 if rows is None:
                     todo.append(shard)
-                else:
-                    self.rows[name][shard.index] = rows
+                    continue
+                if regraded:
+                    storage.write_bytes_atomic(path, _jsonl_bytes(rows))  # keep the new grades
+                self.rows[name][shard.index] = rows
             if len(self.rows[name]) == len(shards):
                 self._merge(name)
+        self._record_benchmark_rows()
         return todo
+
+    def _record_benchmark_rows(self) -> None:
+        """Note in ``generation.json`` which benchmark rows (ids, questions, gold answers) the predictions are of."""
+        path = self.layout.generation_settings
+        record = read_record(path)
+        if record is None:
+            return
+        rows = {name: rows_fingerprint(row for shard in shards for row in shard.rows)
+                for name, shards in self.shards.items()}
+        if record.get(BENCHMARK_ROWS) != {**(record.get(BENCHMARK_ROWS) or {}), **rows}:
+            storage.write_json_atomic(path, {**record, BENCHMARK_ROWS: {**(record.get(BENCHMARK_ROWS) or {}), **rows}})
 
     def add(self, shard: Shard, rows: list[dict[str, Any]]) -> None:
         if self.model_fingerprint:

@@ -29,6 +29,7 @@ from lightreasoner_ray.engines.models import (
     shared_vocab_size,
 )
 from lightreasoner_ray.engines.registry import resolve_engine_factory
+from lightreasoner_ray.io.test_seam import reached
 from lightreasoner_ray.ui.prometheus import record_sampling
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class ContrastiveSampler:
         engine: str = "hf",
         vllm: VLLMConfig | None = None,
     ) -> None:
+        reached("sampling.actor_loading")
         self.device = default_device()
         self.tokenizer = load_tokenizer(expert, "expert")
         self.expert = load_model(expert, "expert", self.device)

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from lightreasoner_ray.config import Config
+from lightreasoner_ray.config import Config, redact_tree
 from lightreasoner_ray.data.samples import finished_problem_ids
-from lightreasoner_ray.engines.models import pair_vocab_size
+from lightreasoner_ray.engines.models import check_local_model, load_tokenizer, pair_vocab_size
 from lightreasoner_ray.engines.registry import resolve_engine_factory
 from lightreasoner_ray.io import storage
-from lightreasoner_ray.io.fingerprints import weights_fingerprint
+from lightreasoner_ray.io.fingerprints import problem_fingerprints, resolved_dtype_name, weights_fingerprint
 from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.io.record import restart_stage
 from lightreasoner_ray.stages.problem_prompts import prepare_problems
@@ -43,6 +43,9 @@ def sampling_settings(config: Config) -> dict[str, Any]:
         "amateur": config.amateur.path,
         "expert_weights": weights_fingerprint(config.expert.path),
         "amateur_weights": weights_fingerprint(config.amateur.path),
+        "expert_dtype": resolved_dtype_name(config.expert.dtype, sampling.gpus_per_actor),
+        "amateur_dtype": resolved_dtype_name(config.amateur.dtype, sampling.gpus_per_actor),
+        "problems_source": config.data.problems,
         "alpha": sampling.alpha,
         "beta": sampling.beta,
         "max_new_tokens": sampling.max_new_tokens,
@@ -51,6 +54,14 @@ def sampling_settings(config: Config) -> dict[str, Any]:
         # The ids pi_E and pi_A are normalised over; the trainer normalises pi_theta over the same.
         "vocab_size": pair_vocab_size(config.expert, config.amateur),
     }
+
+
+def check_pair(config: Config) -> None:
+    """Before any model runs: both local models have weights, and the expert's tokenizer (whose ids
+    both models read) has no id past either model's embedding rows."""
+    tokenizer = load_tokenizer(config.expert, "expert")
+    check_local_model(config.expert, "expert", tokenizer)
+    check_local_model(config.amateur, "amateur", tokenizer)
 
 
 def sampling_outputs(config: Config, result: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -72,6 +83,7 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     if config.sampling.engine != "hf":  # a missing vLLM or a bad factory path fails before any work
         resolve_engine_factory(config.sampling.engine, "sampling.engine")
     problems, info = prepare_problems(config)
+    check_pair(config)
     layout = RunLayout(config.output_dir)
     samples_dir = layout.samples
     if restart:
@@ -80,7 +92,8 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
     removed = storage.remove_stale_temporaries(samples_dir)
     if removed:
         logger.info("removed %d partial files left by an interrupted run", removed)
-    check_sampling_settings(layout.sampling_settings, samples_dir, sampling_settings(config))
+    check_sampling_settings(layout.sampling_settings, samples_dir, sampling_settings(config),
+                            problems=problem_fingerprints(problems))
     done = finished_problem_ids(samples_dir)
     todo = [p for p in problems if p["problem_id"] not in done]
     logger.info("%d problems: %d already sampled, %d to go", len(problems), len(problems) - len(todo), len(todo))
@@ -129,7 +142,7 @@ def summarize_samples(config: Config, info: dict[str, Any], wall_time: float, ne
     counts, _ = np.histogram(kl, bins=edges)
     return {
         "config": config.to_dict(),
-        "models": {"expert": config.expert.path, "amateur": config.amateur.path},
+        "models": redact_tree({"expert": config.expert.path, "amateur": config.amateur.path}),
         "problems_source": info["source"],
         "counts": {
             "problems": problems,
