@@ -72,12 +72,12 @@ class Shape:
 
 
 def shape_of(path_or_shape: str, layers: int | None = None) -> Shape:
-    """A model directory's config.json, or a ``configs/shapes`` name."""
+    """A model directory's config.json, or a ``lightreasoner_ray/toy/shapes`` name."""
     path = Path(path_or_shape)
     if (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
     else:
-        config = json.loads((ROOT / "configs" / "shapes" / f"{path_or_shape}.json").read_text())["config"]
+        config = json.loads((ROOT / "lightreasoner_ray" / "toy" / "shapes" / f"{path_or_shape}.json").read_text())["config"]
     return Shape(config["hidden_size"], config["intermediate_size"], layers or config["num_hidden_layers"],
                  config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"],
                  bool(config.get("tie_word_embeddings", False)))

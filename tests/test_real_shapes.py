@@ -60,7 +60,7 @@ def test_special_tokens_sit_at_the_real_ids(tiny_math):
 def test_embedding_rows_and_config_equal_the_published_json(tiny_math):
     from transformers import AutoModelForCausalLM
 
-    published = json.loads((ROOT / "configs" / "shapes" / "qwen2.5-math-1.5b.json").read_text())["config"]
+    published = json.loads((ROOT / "lightreasoner_ray" / "toy" / "shapes" / "qwen2.5-math-1.5b.json").read_text())["config"]
     written = json.loads((tiny_math / "config.json").read_text())
     for key, value in published.items():
         if key in TINY or key in ("num_hidden_layers", "max_window_layers", "torch_dtype"):

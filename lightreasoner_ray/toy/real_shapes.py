@@ -3,7 +3,7 @@
 ``write_model(shape, directory)`` writes a Hugging Face model directory (sharded
 safetensors, ``config.json``, ``generation_config.json``, tokenizer files) whose
 architecture is the published one of Qwen2.5-Math-1.5B, Qwen2.5-0.5B, Qwen2.5-Math-7B or
-DeepSeek-R1-Distill-Qwen-1.5B (``configs/shapes/<shape>.json``, each naming its source),
+DeepSeek-R1-Distill-Qwen-1.5B (``lightreasoner_ray/toy/shapes/<shape>.json``, each naming its source),
 with random weights. Depth, width or vocabulary may be overridden for tests.
 
 The tokenizer behaves like the real one where the pipeline can tell: a byte-level BPE
@@ -36,7 +36,7 @@ from lightreasoner_ray.errors import LightReasonerError
 
 logger = logging.getLogger(__name__)
 
-SHAPES_DIR = Path(__file__).resolve().parents[2] / "configs" / "shapes"
+SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
 BASE_VOCAB = 151_643  # byte-level BPE entries before the added tokens, as Qwen2.5's tokenizer
 SHARD_BYTES = 1 << 30
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -80,10 +80,10 @@ def shape_names() -> list[str]:
 
 
 def load_shape(shape: str) -> dict[str, Any]:
-    """The published configuration of ``shape`` (``configs/shapes/<shape>.json``)."""
+    """The published configuration of ``shape`` (``lightreasoner_ray/toy/shapes/<shape>.json``)."""
     path = SHAPES_DIR / f"{shape}.json"
     if not SHAPES_DIR.is_dir():
-        raise LightReasonerError(f"{SHAPES_DIR} is missing: real shapes need a source checkout of the project")
+        raise LightReasonerError(f"{SHAPES_DIR} is missing: reinstall lightreasoner-ray (the shapes are package data)")
     if not path.is_file():
         raise LightReasonerError(f"unknown shape {shape!r}: choose one of {', '.join(shape_names())}")
     return json.loads(path.read_text())
