@@ -20,7 +20,7 @@ kernel's peak resident set, and RssAnon, anonymous memory); processes are named 
 from their Ray process titles (driver, sampler, train worker, evaluator, Ray system).
 Each stage's measured peaks are printed beside bench/memory_model.py's prediction.
 
-    flock /tmp/lr-heavy.lock python bench/real_scale.py                  # everything (~35 min on 2 cores)
+    python bench/real_scale.py                                           # everything (~35 min on 2 cores)
     python bench/real_scale.py --stages sample-hf train-lora-z2 --layers 2   # a subset at reduced depth
     python bench/real_scale.py --cache DIR                               # reuse built models (default cache)
 
