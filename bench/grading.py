@@ -33,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.answer_perturbation import perturbed
 from lightreasoner_ray.core import grading  # noqa: E402
 from lightreasoner_ray.data.benchmarks import benchmark_path, default_data_dir, load_benchmark, read_jsonl  # noqa: E402
 
@@ -70,18 +70,6 @@ def load_old_grader(workdir: Path):
     return module
 
 
-def wrong_value(answer: str, benchmark: str) -> str:
-    if benchmark == "mmlu_stem":
-        return "ABCD"[("ABCD".index(answer) + 1) % 4]
-    if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", answer):
-        value = Fraction(answer) + 1
-        return str(value.numerator) if value.denominator == 1 else str(float(value))
-    digits = re.search(r"\d+", answer)
-    if digits:
-        return answer[: digits.start()] + str(int(digits.group()) + 1) + answer[digits.end() :]
-    return answer + "+1"
-
-
 def build_workloads(data_dir: Path, limit: int) -> dict[str, list[tuple[str, str, str, list | None, bool]]]:
     """workload -> [(benchmark, completion, gold, choices, expected verdict)]."""
     workloads: dict[str, list] = {name: [] for name in ("boxed", "stated", "labelled", "reordered", "relation", "relation wrong", "solution", "wrong")}
@@ -95,7 +83,7 @@ def build_workloads(data_dir: Path, limit: int) -> dict[str, list[tuple[str, str
                 workloads[workload].append((row[0], completion, row[1], row[2], expected))
 
             add("boxed", f"Working it through step by step, the result is \\boxed{{{gold}}}.")
-            add("wrong", f"Working it through step by step, the result is \\boxed{{{wrong_value(gold, name)}}}.", False)
+            add("wrong", f"Working it through step by step, the result is \\boxed{{{perturbed(gold, name)}}}.", False)
             if name == "mmlu_stem":
                 continue
             add("stated", f"Putting it together.\nThe final answer is ${gold}$.")

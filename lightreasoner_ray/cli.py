@@ -123,19 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that only read a run in output_dir (and write their own report files beside it).
+READ_ONLY = ("inspect", "compare")
+
 # Stages that resume from output_dir and so can be asked to start over.
 RESTARTABLE = ("sample", "train", "evaluate", "run")
 
 
 def load_command_config(command: str, config_path: str | None, overrides: list[str]) -> Config:
-    """The command's config, its output_dir checked against a Ray job's deletable working directory."""
+    """The command's config, its output_dir checked against a Ray job's deletable working directory.
+
+    inspect and compare only read a run: a relative output_dir there is read where it is (under
+    ``$LIGHTREASONER_OUTPUT_ROOT`` when that is set, as the commands that wrote it put it). The demo
+    runs on one machine: in a Ray job its relative output_dir is refused like any other, saying so."""
     if command == "demo":
         from lightreasoner_ray.runs.demo import demo_config, demo_defaults
 
         config = demo_config(overrides) if config_path is None else load_config(config_path, overrides, demo_defaults())
     else:
         config = load_config(config_path, overrides)
-    output_dir = resolve_output_dir(config.output_dir)
+    try:
+        output_dir = resolve_output_dir(config.output_dir)
+    except LightReasonerError as exc:
+        if command in READ_ONLY:
+            output_dir = config.output_dir  # nothing of the run is written, so nothing is lost with the job
+        elif command == "demo":
+            raise LightReasonerError(
+                f"{exc}; the demo is made to run on one machine: run `lightreasoner demo` there directly, "
+                "not through `ray job submit`"
+            ) from None
+        else:
+            raise
     if output_dir != config.output_dir:
         logger.info("output_dir %s resolved to %s (a Ray job's working directory is not kept)",
                     config.output_dir, output_dir)

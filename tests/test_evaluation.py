@@ -333,3 +333,10 @@ def test_peft_adapter_is_merged_for_inference(tiny_pair, tmp_path):
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
     assert parse_model_entry(str(adapter_dir)).tag == "lightreasoner-adapter"
+
+
+def test_the_pool_may_replace_as_many_dead_actors_as_it_has_and_at_least_two():
+    from lightreasoner_ray.stages.evaluation.pool import ACTOR_RECREATIONS, actor_recreations
+
+    assert ACTOR_RECREATIONS == 2
+    assert [actor_recreations(size) for size in (1, 2, 3, 8, 64)] == [2, 2, 3, 8, 64]

@@ -13,7 +13,7 @@ import torch
 from conftest import LORA_CHECK_IDS
 from lightreasoner_ray.config import load_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.stages.export import EXPORT_MARK, export_paths, run_export
+from lightreasoner_ray.stages.export import EXPORT_MARK, check_export_target, export_paths, run_export
 
 IDS = torch.tensor(LORA_CHECK_IDS)
 
@@ -128,3 +128,25 @@ def test_export_replaces_an_older_unmarked_export_and_removes_a_killed_exports_l
     run_export(load_config(None, [f"output_dir={output_dir}", f"export.output={destination}"]))
     assert (destination / EXPORT_MARK).is_file()
     assert not leftover.exists() and not retired.exists()
+
+
+def test_an_unmarked_export_with_any_file_save_pretrained_writes_is_replaceable_and_nothing_else(tiny_pair, tmp_path):
+    """Oracle: what transformers' own save_pretrained writes (model, tokenizer, chat template) counts as an
+    older export; the tokenizer files of other families and a chat_template.json too; one unrelated file does not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = tmp_path / "saved"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair["expert"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    AutoModelForCausalLM.from_pretrained(tiny_pair["expert"]).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    check_export_target(saved)  # no refusal
+    older = tmp_path / "older"
+    shutil.copytree(tiny_pair["expert"], older)
+    for name in ("chat_template.json", "tokenizer.model", "spiece.model", "added_tokens.json",
+                 "special_tokens_map.json", "merges.txt", "vocab.json", "generation_config.json"):
+        (older / name).write_text("{}")
+    check_export_target(older)
+    (older / "notes.txt").write_text("keep me")
+    with pytest.raises(LightReasonerError, match="refusing to replace it"):
+        check_export_target(older)

@@ -8,6 +8,7 @@ answer must grade wrong.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -19,6 +20,10 @@ from lightreasoner_ray.core import grading
 from lightreasoner_ray.data.benchmarks import benchmark_path, load_benchmark, read_jsonl
 from lightreasoner_ray.core.grading import extract_answer, is_equivalent, normalize_answer, parse_expression
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bench/ is a folder of scripts, not part of the package
+from bench.answer_perturbation import perturbed  # shared with bench/grading.py
+
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 LOCAL_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "minerva_math", "olympiadbench", "mmlu_stem")
 GOLD_SPLITS = [(name, "test") for name in LOCAL_BENCHMARKS] + [("gsm8k", "train")]
@@ -28,19 +33,6 @@ requires_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark dat
 
 def _rows(name: str, split: str = "test") -> list[dict]:
     return load_benchmark(name, data_dir=DATA_DIR, split=split)
-
-
-def perturbed(answer: str, benchmark_name: str) -> str:
-    """A wrong answer close to the reference: next letter, number + 1, first integer + 1."""
-    if benchmark_name == "mmlu_stem":
-        return "ABCD"[("ABCD".index(answer) + 1) % 4]
-    if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", answer):
-        value = Fraction(answer) + 1
-        return str(value.numerator) if value.denominator == 1 else str(float(value))
-    digits = re.search(r"\d+", answer)
-    if digits:
-        return answer[: digits.start()] + str(int(digits.group()) + 1) + answer[digits.end() :]
-    return answer + "+1"
 
 
 def _model_output(answer: str) -> str:

@@ -208,6 +208,47 @@ def test_equation_forms_are_equal(prediction, reference):
     assert is_equivalent(prediction, reference)
 
 
+# An equation answers a bare value only as a label: one side a lone symbol or function name.
+LABEL_AGAINST_VALUE_EQUAL = [
+    ("x=3", "3"),
+    ("3=x", "3"),
+    (r"\theta = \frac{\pi}{2}", r"\frac{\pi}{2}"),
+    ("f(x)=2x+1", "2x+1"),
+    ("x = 1 + 2 = 3", "3"),
+    ("x_1 = 3", "x_{1} = 3"),
+]
+EQUATION_AGAINST_VALUE_DIFFERENT = [
+    ("2x=6", "6"),  # x is 3, not 6
+    (r"\frac{x}{2}=3", "3"),  # x is 6
+    ("x+y=6", "6"),
+    ("x^2=4", "4"),
+    ("2+3=6", "6"),  # a false statement
+    ("2x=6", "3"),  # states the problem, not the answer
+    ("y=6", "x=6"),  # a value of another unknown
+    (r"\alpha = 2", r"\beta = 2"),
+    ("f(x)=2x", "2t"),
+]
+
+
+@pytest.mark.parametrize("prediction,reference", LABEL_AGAINST_VALUE_EQUAL)
+def test_a_labelled_value_equals_the_value_on_either_side(prediction, reference):
+    assert _both_ways(prediction, reference) == (True, True)
+
+
+@pytest.mark.parametrize("prediction,reference", EQUATION_AGAINST_VALUE_DIFFERENT)
+def test_an_equation_is_not_its_right_hand_side(prediction, reference):
+    assert _both_ways(prediction, reference) == (False, False)
+
+
+@pytest.mark.parametrize(
+    "prediction,reference,expected",
+    [("2x=6", "6", False), ("6", "2x=6", False), ("x+y=6", "6", False), ("3=x", "3", True), ("3", "3=x", True)],
+)
+def test_the_math_verify_tier_itself_unwraps_only_labels(prediction, reference, expected):
+    pytest.importorskip("math_verify")
+    assert grading._math_verify_equal(prediction, reference) is expected
+
+
 @pytest.mark.parametrize("prediction,reference", EQUATIONS_DIFFERENT)
 def test_unrelated_equations_differ(prediction, reference):
     assert _both_ways(prediction, reference) == (False, False)

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -146,3 +144,22 @@ def test_the_cli_refuses_a_relative_output_dir_in_a_job_working_dir(tmp_path, mo
     assert cli.main(["sample", "--config", str(TINY), "output_dir=outputs/run"]) == 2
     assert "Ray's per-job cache" in capsys.readouterr().err
     assert not (cache / "outputs").exists()
+
+
+def test_in_a_job_working_dir_inspect_and_compare_read_a_relative_output_dir_and_the_demo_says_why_not(
+        tmp_path, monkeypatch):
+    cache = tmp_path / "runtime_resources" / "working_dir_files" / "pkg"
+    cache.mkdir(parents=True)
+    monkeypatch.chdir(cache)
+    monkeypatch.delenv("LIGHTREASONER_OUTPUT_ROOT", raising=False)
+    for command in ("inspect", "compare"):  # read-only: no refusal, the path as given
+        assert cli.load_command_config(command, str(TINY), ["output_dir=outputs/run"]).output_dir == "outputs/run"
+    with pytest.raises(LightReasonerError, match=r"Ray's per-job cache.*the demo is made to run on one machine"):
+        cli.load_command_config("demo", None, [])  # its default output_dir is relative
+    with pytest.raises(LightReasonerError, match=r"Ray's per-job cache") as refused:
+        cli.load_command_config("evaluate", str(TINY), ["output_dir=outputs/run"])  # writers are still refused
+    assert "demo" not in str(refused.value)
+    # With a shared root set, the readers look where the writers put the run.
+    monkeypatch.setenv("LIGHTREASONER_OUTPUT_ROOT", str(tmp_path / "shared"))
+    assert cli.load_command_config("inspect", str(TINY), ["output_dir=outputs/run"]).output_dir == str(
+        tmp_path / "shared" / "outputs" / "run")

@@ -90,3 +90,24 @@ def test_a_record_never_holds_a_uri_password_and_still_resumes(tmp_path):
     StageRecord(path, settings).claim(False, lambda changes: LightReasonerError(str(changes)))
     assert "pw-123" not in Path(path).read_text() and "u:***@db" in Path(path).read_text()
     StageRecord(path, settings).claim(True, lambda changes: LightReasonerError(str(changes)))  # same inputs resume
+
+
+def test_a_record_written_before_redaction_still_resumes_and_loses_its_password(tmp_path):
+    path = tmp_path / "record.json"
+    # An older version recorded the URI as given, password and all.
+    path.write_text(json.dumps({"tracking": "postgresql://u:pw-123@db/x", "data": "s3://b/x?token=t-9", "beta": 0.4}))
+    settings = {"tracking": "postgresql://u:pw-123@db/x", "data": "s3://b/x?token=t-9", "beta": 0.4}
+    recorded = StageRecord(str(path), settings).claim(True, refuse)  # same inputs: resumes, no refusal
+    assert recorded["beta"] == 0.4
+    assert "pw-123" not in path.read_text() and "t-9" not in path.read_text()  # rewritten redacted
+    # Another host is still a change, and the refusal does not repeat the old password.
+    path.write_text(json.dumps({"tracking": "postgresql://u:pw-123@db/x", "beta": 0.4}))
+    with pytest.raises(LightReasonerError, match=r"refused: tracking") as refused:
+        StageRecord(str(path), {"tracking": "postgresql://u:pw-123@other/x", "beta": 0.4}).claim(True, refuse)
+    assert "pw-123" not in str(refused.value)
+    # An identity key recorded with its password is the same input, not a replaced one.
+    path.write_text(json.dumps({"model": "s3://u:pw@b/m", "beta": 0.4}))
+    replaced = []
+    StageRecord(str(path), {"model": "s3://u:pw@b/m", "beta": 0.4}, identity=frozenset({"model"})).claim(
+        True, refuse, replaced=replaced.append)
+    assert replaced == []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import local_dirs, storage
 
 
@@ -76,3 +77,46 @@ def test_writes_are_fsynced_before_the_rename_and_the_directory_after(tmp_path, 
     assert kinds[0][0] == "fsync" and Path(kinds[0][1]).name.startswith(".x.json.")  # the temporary, synced
     assert kinds[1] == ("replace", "x.json")
     assert kinds[2] == ("fsync", str(tmp_path))  # the directory entry
+
+
+def test_every_reader_of_a_model_published_to_a_uri_follows_its_current_pointer(tmp_path):
+    """Training publishes <uri>/model as versions named by model/CURRENT; evaluation, export and the next
+    round's expert all read the version CURRENT names, and a local output_dir keeps model/ itself."""
+    from lightreasoner_ray.config import load_config
+    from lightreasoner_ray.runs.rounds import next_expert
+    from lightreasoner_ray.stages.evaluation.stage import evaluated_models
+    from lightreasoner_ray.stages.export import export_paths
+
+    output_dir = f"file://{tmp_path / 'bucket' / 'run'}"
+    model = f"{output_dir}/model"
+    storage.publish_directory(str(_tree(tmp_path / "first", {"config.json": "1"})), model, {"provenance.json": b"{}"})
+    storage.publish_directory(str(_tree(tmp_path / "second", {"config.json": "2"})), model, {"provenance.json": b"{}"})
+    current = (tmp_path / "bucket" / "run" / "model" / "CURRENT").read_text().strip()
+    assert current.startswith("v-")
+    version = f"{model}/{current}"
+    assert storage.read_text(f"{version}/config.json") == "2"  # the independent check: the pointer's target
+
+    config = load_config(None, [f"output_dir={output_dir}", f"eval.models=[trained={model}, {model}]",
+                                "train.lora.enabled=false"])
+    assert [(m.tag, m.path) for m in evaluated_models(config)] == [("trained", version), ("model", version)]
+    assert export_paths(config)[0] == version
+    assert next_expert(config) == version
+    with pytest.raises(LightReasonerError, match=rf"export.adapter={version}: export works on local directories"):
+        from lightreasoner_ray.stages.export import run_export
+        run_export(config)
+
+    local = tmp_path / "local"
+    storage.publish_directory(str(tmp_path / "second"), str(local / "model"), {})
+    local_config = load_config(None, [f"output_dir={local}", "train.lora.enabled=false"])
+    assert export_paths(local_config)[0] == str(local / "model")
+    assert next_expert(local_config) == str(local / "model")
+    assert sorted(p.name for p in (local / "model").iterdir()) == ["config.json"]
+
+
+def test_a_pointer_that_cannot_be_read_is_one_error_naming_the_model(tmp_path):
+    with pytest.raises(LightReasonerError, match=r"nosuchscheme://b/model: cannot read its CURRENT pointer"):
+        storage.published_directory("nosuchscheme://b/model")
+    # A URI published before the pointer existed is read where it is.
+    older = tmp_path / "older"
+    _tree(older, {"config.json": "0"})
+    assert storage.published_directory(f"file://{older}") == f"file://{older}"

@@ -303,6 +303,10 @@ _LHS_PREFIX = re.compile(
     r"|[A-Z]{2,3}|\(\s*[A-Za-z](?:_\{?\w+\}?)?(?:\s*,\s*[A-Za-z](?:_\{?\w+\}?)?)+\s*\))"  # AB = 4, (p, q) = (3, 2)
     r"\s*(?:=|\\in(?![A-Za-z])|\\approx(?![A-Za-z]))\s*"
 )
+# A label that is one symbol (``x``, ``x_1``, ``\\theta``), not a function or a segment.
+_LONE_SYMBOL = re.compile(
+    r"((?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?)\s*(?:=|\\in(?![A-Za-z])|\\approx(?![A-Za-z]))\s*"
+)
 _UNIT_SPLIT = re.compile(
     r"(?P<number>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
     r"(?:\s*\\times\s*10\^\{?[-+]?\d+\}?)?"
@@ -321,6 +325,11 @@ _PAREN_LETTER = re.compile(r"\(([A-J])\)")
 
 def normalize_answer(text: str) -> str:
     """Canonical text of an answer: LaTeX decorations, units, ``$``, ``x=`` removed."""
+    return _normalize_with_label(text)[0]
+
+
+def _normalize_with_label(text: str) -> tuple[str, str | None]:
+    """:func:`normalize_answer` and the lone symbol it removed (``x`` of ``x = 3``), if any."""
     answer = text.strip()
     for char, replacement in _UNICODE.items():
         answer = answer.replace(char, replacement)
@@ -339,11 +348,14 @@ def normalize_answer(text: str) -> str:
     answer = re.sub(r"\s+", " ", answer).strip()
     answer = re.sub(r"(?:\\\\|[\s.,;:])+$", "", answer).lstrip(":= ")
     prefix = _LHS_PREFIX.match(answer)
+    label = None
     if prefix and "=" not in answer[prefix.end() :] and answer[prefix.end() :].strip():
+        symbol = _LONE_SYMBOL.fullmatch(prefix.group())
+        label = re.sub(r"[\s{}]", "", symbol.group(1)) if symbol else None
         answer = answer[prefix.end() :]
     answer = _strip_unit(answer)
     letter = _PAREN_LETTER.fullmatch(answer)
-    return letter.group(1) if letter else answer.strip()
+    return (letter.group(1) if letter else answer.strip()), label
 
 
 def _unwrap_commands(text: str) -> str:
@@ -985,7 +997,9 @@ def is_equivalent(prediction: str, reference: str, *, timeout: float = SYMBOLIC_
         return False
     if len(prediction) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
         return False
-    predicted_text, reference_text = normalize_answer(prediction), normalize_answer(reference)
+    (predicted_text, predicted_label), (reference_text, reference_label) = map(_normalize_with_label, (prediction, reference))
+    if predicted_label and reference_label and predicted_label != reference_label:
+        return False  # "y = 6" is not "x = 6": a statement about another unknown
     if _spaceless(predicted_text) == _spaceless(reference_text):
         return True
     percent = _has_percent(prediction) or _has_percent(reference)
@@ -1274,6 +1288,16 @@ def _math_verify_equal(prediction: str, reference: str) -> bool:
     gold, target = parsed(reference), parsed(prediction)
     if not gold or not target:
         return False
+    if _is_equation(gold[0]) != _is_equation(target[0]):
+        # math-verify would compare the equation's right side alone ("2x = 6" against "6"):
+        # an equation answers a bare value only as a label ("x = 3", "3 = x", "f(x) = ...").
+        value = _labelled_value(gold[0] if _is_equation(gold[0]) else target[0])
+        if value is None:
+            return False
+        if _is_equation(gold[0]):
+            gold = [value]
+        else:
+            target = [value]
     return verify(
         gold,
         target,
@@ -1282,6 +1306,32 @@ def _math_verify_equal(prediction: str, reference: str) -> bool:
         allow_set_relation_comp=True,
         timeout_seconds=None,
     )
+
+
+def _is_equation(expr: Any) -> bool:
+    """An equation or a chain of them (``a = b = 3``), as math-verify parses it."""
+    import sympy
+
+    if isinstance(expr, sympy.Eq):
+        return True
+    return isinstance(expr, sympy.And) and all(isinstance(arg, sympy.Eq) for arg in expr._unsorted_args)
+
+
+def _labelled_value(equation: Any) -> Any:
+    """The value an equation labels: the far side of a lone symbol or function name
+    (``x = 3``, ``3 = x``, ``f(x) = 2x``, ``x = 1 + 2 = 3``); None for any other equation."""
+    import sympy
+    from sympy.core.function import AppliedUndef
+
+    def lone(side: Any) -> bool:
+        return side.is_Symbol or (isinstance(side, AppliedUndef) and all(arg.is_Symbol for arg in side.args))
+
+    links = list(equation._unsorted_args) if isinstance(equation, sympy.And) else [equation]
+    if lone(links[0].lhs):
+        return links[-1].rhs
+    if lone(links[-1].rhs):
+        return links[0].lhs
+    return None
 
 
 def _to_sympy(tree: list) -> Any:

@@ -168,6 +168,7 @@ class StageRecord:
         return [key for key in keys if key not in self.informational | self.identity]
 
     def changed_keys(self, recorded: dict[str, Any]) -> list[str]:
+        recorded = redact_tree(recorded)  # a record written before redaction still matches
         return [key for key in self.compared_keys(recorded)
                 if not (key in self.added and key not in recorded)
                 and recorded.get(key, self.missing) != self.settings.get(key, self.missing)]
@@ -177,7 +178,10 @@ class StageRecord:
         return sorted(key for key in self.added if key in self.settings and key not in recorded)
 
     def changes(self, recorded: dict[str, Any]) -> list[str]:
-        """What differs from ``recorded`` (``describe`` phrases; empty when nothing does)."""
+        """What differs from ``recorded`` (``describe`` phrases; empty when nothing does). ``recorded``
+        is compared redacted, as :attr:`settings` are: a record written before redaction existed
+        (a URI's password in it) still matches, and no refusal repeats its password."""
+        recorded = redact_tree(recorded)
         if self.compare is not None:
             return self.compare(recorded)
         return [self.describe(key, recorded.get(key, self.missing), self.settings.get(key, self.missing))
@@ -204,7 +208,8 @@ class StageRecord:
             changes = self.changes(recorded)
             if changes:
                 raise refuse(changes)
-            if any(recorded.get(key) != self.settings.get(key) for key in self.identity):
+            redacted = redact_tree(recorded)
+            if any(redacted.get(key) != self.settings.get(key) for key in self.identity):
                 if replaced is None:
                     raise ValueError(f"{self.path}: a record with identity keys needs a replaced callback")
                 replaced(recorded)
@@ -214,6 +219,7 @@ class StageRecord:
             if unchecked:
                 logger.warning("%s predates the record of %s: resuming without checking them, and recording "
                                "their current values from now on", self.path, ", ".join(unchecked))
+            if unchecked or redacted != recorded:  # (rewritten redacted: no password stays on disk)
                 self.write()
             return recorded
         self.write()

@@ -205,9 +205,12 @@ def published_directory(destination: str) -> str:
     if not is_uri(destination):
         return destination
     pointer = join_path(destination, POINTER)
-    if not exists(pointer):
-        return destination
-    version = read_text(pointer).strip()
+    try:
+        if not exists(pointer):
+            return destination
+        version = read_text(pointer).strip()
+    except (OSError, ValueError) as exc:  # pyarrow's errors: an unknown scheme, no access
+        raise LightReasonerError(f"{destination}: cannot read its {POINTER} pointer: {exc}") from None
     if not version or "/" in version:
         raise LightReasonerError(f"{pointer}: does not name a version (holds {version!r})")
     return join_path(destination, version)

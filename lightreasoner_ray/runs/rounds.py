@@ -76,6 +76,8 @@ def next_expert(config: Config, reuse: bool = False) -> str:
 
     layout = RunLayout(config.output_dir)
     if not config.train.lora.enabled:
+        if storage.is_uri(layout.model):  # published as versions: the one CURRENT names
+            return storage.published_directory(layout.model)
         return os.path.abspath(layout.model)
     merged = os.path.abspath(layout.merged)
     if not (reuse and Path(merged, "config.json").is_file()):  # a merged model is written whole (staged, renamed)

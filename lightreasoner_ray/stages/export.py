@@ -24,7 +24,7 @@ import torch
 from lightreasoner_ray.config import Config
 from lightreasoner_ray.engines.models import DTYPES, check_model_path, read_model_config
 from lightreasoner_ray.errors import LightReasonerError
-from lightreasoner_ray.io import local_dirs, test_seam
+from lightreasoner_ray.io import local_dirs, storage, test_seam
 from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.io.model_dirs import ADAPTER_CONFIG
 
@@ -53,10 +53,14 @@ def check_export_target(target: Path) -> None:
     )
 
 
-# What an export written before the mark existed holds: a full model and its tokenizer, nothing else.
-_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
-                          r"model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?|tokenizer.*|"
-                          r"special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.jinja)$")
+# What an export written before the mark existed holds: a full model and its tokenizer, nothing else
+# (what transformers' save_pretrained writes for a causal LM, its tokenizer, fast or slow, and its
+# chat template, and the code files of a trust_remote_code model).
+_MODEL_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    r"pytorch_model.*\.bin(\.index\.json)?|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+    r"vocab\.(json|txt)|merges\.txt|spiece\.model|sentencepiece\.bpe\.model|[\w.-]+\.tiktoken|"
+    r"chat_template\.(jinja|json)|(configuration|modeling|tokenization)_\w+\.py)$")
 
 
 def _is_unmarked_export(target: Path, entries: list[str]) -> bool:
@@ -64,9 +68,10 @@ def _is_unmarked_export(target: Path, entries: list[str]) -> bool:
 
 
 def export_paths(config: Config) -> tuple[str, str]:
-    """(adapter directory, merged model directory) after applying the defaults."""
+    """(adapter directory, merged model directory) after applying the defaults; an adapter published
+    to a URI is the version its ``CURRENT`` pointer names (io.storage.published_directory)."""
     layout = RunLayout(config.output_dir)
-    adapter = config.export.adapter or layout.model
+    adapter = storage.published_directory(config.export.adapter or layout.model)
     output = config.export.output or layout.merged
     return adapter, output
 

@@ -128,9 +128,16 @@ def completion_texts(output: Any) -> list[str]:
 
 # ---- the Ray pool ---------------------------------------------------------------------
 
-# Fresh actors the pool creates, in all, to replace evaluator actors that died (each after Ray's
-# own restarts of it: ACTOR_MAX_RESTARTS); one more death fails the evaluation.
+# Fresh actors the pool creates per evaluated model, at least, to replace evaluator actors that
+# died (each after Ray's own restarts of it: ACTOR_MAX_RESTARTS); see actor_recreations.
 ACTOR_RECREATIONS = 2
+
+
+def actor_recreations(pool_size: int) -> int:
+    """How many fresh actors a pool of ``pool_size`` actors may create, in all, per evaluated model,
+    to replace actors that died: one per actor slot, and never fewer than ``ACTOR_RECREATIONS`` (a
+    large pool that loses a node loses several actors at once). One more death fails the evaluation."""
+    return max(ACTOR_RECREATIONS, pool_size)
 
 
 class _ActorLost(Exception):
@@ -160,8 +167,9 @@ def run_pool(
     """Generate and grade ``shards`` on a pool of evaluator actors; ``on_graded`` gets each result.
 
     An actor that dies is restarted by Ray (``ACTOR_MAX_RESTARTS`` times, its tasks retried);
-    past that the pool replaces it with a fresh actor, ``ACTOR_RECREATIONS`` times in all, and
-    hands its shards out again; one more death is a one-line :class:`LightReasonerError`.
+    past that the pool replaces it with a fresh actor, :func:`actor_recreations` times in all (as many
+    as the pool has actors, at least ``ACTOR_RECREATIONS``), and hands its shards out again; one
+    more death is a one-line :class:`LightReasonerError`.
     """
     import ray
 
@@ -186,7 +194,7 @@ def run_pool(
     generated_by: dict[Any, Any] = {}  # grading ref -> its generate ref
     held = [0] * len(actors)
     load_seconds: list[float] = []
-    recreated = 0
+    recreated, recreations = 0, actor_recreations(len(actors))
 
     def hand_out(actor_index: int) -> None:
         shard = queue.popleft()
@@ -229,14 +237,14 @@ def run_pool(
         held[actor_index] = 0
         cause = worker_error(lost.__cause__ or lost, "evaluation")
         reason = str(cause) if cause is not None else str(lost)
-        if recreated >= ACTOR_RECREATIONS:
+        if recreated >= recreations:
             raise LightReasonerError(
                 f"evaluation of {spec.model_path}: evaluator actors died {recreated + 1} times (past Ray's "
                 f"{ACTOR_MAX_RESTARTS} restarts of each), the last: {reason.removeprefix('evaluation: ')}"
             ) from None
         recreated += 1
         logger.warning("evaluator actor %d died (%s); starting a fresh one (%d of %d)", actor_index, reason,
-                       recreated, ACTOR_RECREATIONS)
+                       recreated, recreations)
         try:
             ray.kill(actors[actor_index])
         except Exception:  # already gone

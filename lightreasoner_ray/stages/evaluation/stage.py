@@ -74,13 +74,16 @@ def parse_model_entry(entry: str) -> EvalModel:
 
 
 def evaluated_models(config: Config) -> list[EvalModel]:
-    """``eval.model`` then ``eval.models``; neither set means the expert."""
+    """``eval.model`` then ``eval.models``; neither set means the expert. A path published to a URI
+    (``<output_dir>/model``) is resolved to the version its ``CURRENT`` pointer names."""
     entries = ([config.eval.model] if config.eval.model else []) + list(config.eval.models)
     if not entries:
         if not config.expert.path:
             raise LightReasonerError("nothing to evaluate: set eval.model, eval.models or expert.path")
         entries = [config.expert.path]
     models = [parse_model_entry(entry) for entry in entries]
+    # A model published to a URI (training's <output_dir>/model) is the version its CURRENT names.
+    models = [EvalModel(model.tag, storage.published_directory(model.path)) for model in models]
     tags = [model.tag for model in models]
     repeated = sorted({tag for tag in tags if tags.count(tag) > 1})
     if repeated:

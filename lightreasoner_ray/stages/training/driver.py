@@ -325,7 +325,8 @@ def _fit(config: Config, files: list[str], info: SamplesInfo, pad_id: int) -> An
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "pad_id": pad_id, "test_environment": forwarded_environment(),
-                           "vocab_size": logit_vocab_size(config)},
+                           "vocab_size": logit_vocab_size(config),
+                           "checkpoint_root": join_path(storage_path, RUN_NAME)},
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=on_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -66,7 +66,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.warning("train.steps_per_update=%d is more than the %d selected steps of the samples: every update "
                            "spans more than an epoch, so some steps count twice in it", train.steps_per_update,
                            plan.steps_per_epoch)
+    reached("train.model_loading", rank=rank)
     loaded = build_causal_lm(config, ds_config, bf16)
+    reached("train.model_loaded", rank=rank)
     causal_lm = loaded.causal_lm
     logger.info("worker %d: loaded %d of the model's %d parameters (ZeRO stage %d)", rank, loaded.parameters_held,
                 loaded.parameters, train.deepspeed.stage)
@@ -80,7 +82,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=SelectedStepLogits(causal_lm, loop_config.get("vocab_size")), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
     )
-    state, latest_has_model = restore_checkpoint(engine, train.lora.enabled, train)
+    state, latest_has_model = restore_checkpoint(engine, train.lora.enabled, train, rank, world_size)
+    checkpoint_root = loop_config.get("checkpoint_root")
     resumed_from = state.step
     metrics_log = (
         TrainMetricsLog(RunLayout(config.output_dir).train_metrics, state.step) if rank == 0 else None
@@ -155,7 +158,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         }
         final = step == train.max_steps
         if step % train.checkpoint_every == 0 or final:
-            save_checkpoint(engine, causal_lm, config, state, metrics, rank, final)
+            save_checkpoint(engine, causal_lm, config, state, metrics, rank, final, world_size=world_size,
+                            checkpoint_root=checkpoint_root)
             latest_has_model = final
         elif step % train.log_every == 0:
             ray.train.report(metrics)
@@ -169,7 +173,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if not nonfinite_step and not latest_has_model:
         # Resumed at or past max_steps from a checkpoint that holds no final model.
         save_checkpoint(engine, causal_lm, config, state, {"step": state.step, "loss": state.loss}, rank,
-                         final=True, name_suffix="-final")
+                         final=True, name_suffix="-final", world_size=world_size, checkpoint_root=checkpoint_root)
     return {
         **state.to_dict(),
         "nonfinite_step": nonfinite_step,
@@ -213,11 +217,14 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> Lo
     """The expert to train.
 
     Under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model
-    inside ``deepspeed.zero.Init``: each rank materialises only its partition.
+    inside ``deepspeed.zero.Init``, so each rank keeps only its partition once loaded;
+    transformers' loader still reads the whole checkpoint on every rank while loading
+    (measured: docs/scale.md).
     """
     from transformers import AutoModelForCausalLM
 
     train = config.train
+    dtype = torch.bfloat16 if bf16 else torch.float32
     zero3_context = None
     if train.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -225,7 +232,7 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> Lo
         zero3_context = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(
         config.expert.path,
-        dtype=torch.bfloat16 if bf16 else torch.float32,
+        dtype=dtype,
         trust_remote_code=config.expert.trust_remote_code,
     )
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
