@@ -123,6 +123,48 @@ def test_labelled_answers_with_other_values_differ(prediction, reference):
     assert _both_ways(prediction, reference) == (False, False)
 
 
+# Lists labelled on both sides pair their members by label; an unlabelled member
+# pairs with any label, and "x = 1, 2" states two values of x.
+LABELLED_LISTS_EQUAL = [
+    ("x=1, y=2", "y=2, x=1"),  # the order of labelled members does not matter
+    (r"$x=\frac12$, $y=2$", "y = 2, x = 0.5"),
+    ("x=1 or x=2", "x=2, x=1"),  # a label may repeat: two roots
+    ("x = 1, 2", "x=2 or x=1"),
+    (r"x=\pm 3", "x=3, x=-3"),
+    ("1, y=2", "x=1, y=2"),  # a missing label contradicts nothing
+    ("(x,y)=(1,2)", "x=1, y=2"),
+    ("(x, y) = (1, 2)", "y=2, x=1"),
+]
+LABELLED_LISTS_DIFFERENT = [
+    ("x=1, y=2", "x=2, y=1"),  # the same values given to the other unknowns
+    ("x=1, y=2", "x=1, z=2"),  # another unknown
+    ("x=1, x=2", "x=1, y=2"),
+    ("x = 1, 2", "x=1, y=2"),  # 2 is stated as a value of x
+    ("2, y=1", "x=1, y=2"),
+    (r"x=\pm 3", "x=3, y=-3"),
+    (r"x_1 = 2, x_2 = 3", r"x_1 = 3, x_2 = 2"),  # indexed labels name distinct unknowns
+    ("(x,y)=(2,1)", "x=1, y=2"),
+    ("(p,q)=(1,2)", "x=1, y=2"),
+    ("x=3, y=3", "x=3"),  # every boxed form must answer for x
+]
+
+
+@pytest.mark.parametrize("prediction,reference", LABELLED_LISTS_EQUAL)
+def test_labelled_lists_pair_members_by_label(prediction, reference):
+    assert _both_ways(prediction, reference) == (True, True)
+
+
+@pytest.mark.parametrize("prediction,reference", LABELLED_LISTS_DIFFERENT)
+def test_labelled_lists_with_values_under_other_labels_differ(prediction, reference):
+    assert _both_ways(prediction, reference) == (False, False)
+
+
+def test_a_labelled_list_against_bare_values_ignores_the_labels():
+    # One side unlabelled: only the values are compared, as for "y = 3, x = 1" against "1, 3".
+    assert _both_ways("x=2, y=1", "1, 2") == (True, True)
+    assert _both_ways("x=2, y=1", "1, 3") == (False, False)
+
+
 # ---- list syntax ---------------------------------------------------------------------------------
 
 LISTS_EQUAL = [

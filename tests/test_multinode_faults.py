@@ -5,10 +5,12 @@ Sampling and evaluation each run once undisturbed, then again with the node that
 their actors killed (SIGKILL of its raylet and workers) once the first results are stored, and a
 fresh node added. The disturbed run either finishes or fails in one line and is re-run; either way
 its results equal the undisturbed run's: no problem lost or duplicated, the same completions and
-selected steps, the same predictions.
+selected steps, the same predictions. Training (Ray Train, ZeRO-2, 2 workers) loses the node of a
+worker after a complete checkpoint and resumes from it to the undisturbed run's adapter.
 
 The actors report their node through the test seam (``hook`` below, loaded by path inside the
-workers: this module imports only the standard library and pytest at its top).
+workers: this module imports only the standard library and pytest at its top, and the training
+tests' fixtures where they import).
 """
 
 from __future__ import annotations
@@ -22,17 +24,33 @@ import pytest
 NODES_ENV = "LIGHTREASONER_TEST_NODES_DIR"
 
 
+HOLD_ENV = "LIGHTREASONER_TEST_TRAIN_HOLD"  # <update>:<release file>
+
+
 def hook(point: str, **details) -> None:
-    """In an actor that loads its models: record the node it runs on."""
-    if point in ("sampling.actor_loading", "evaluation.actor_loading"):
+    """In an actor that loads its models: record the node it runs on. In a Ray Train worker that
+    starts update ``HOLD_ENV``'s: record its node, then wait there until the release file exists."""
+    hold = os.environ.get(HOLD_ENV, "")
+    holding = point == "train.update_started" and hold and details["step"] == int(hold.split(":", 1)[0])
+    if point in ("sampling.actor_loading", "evaluation.actor_loading") or holding:
         import ray
 
         directory = Path(os.environ[NODES_ENV])
         node = ray.get_runtime_context().get_node_id()
         (directory / f"{node}-{os.getpid()}").write_text(point)
+    if holding:
+        release = Path(hold.split(":", 1)[1])
+        deadline = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 pytestmark = pytest.mark.slow
+
+try:
+    from test_training import metrics, sampled, train_config  # noqa: F401 (sampled: the samples fixture)
+except ImportError:  # loaded by path in an actor or a Ray Train worker, for hook alone
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +198,70 @@ def test_a_node_lost_during_evaluation(cluster, tiny_pair, tmp_path, monkeypatch
     assert killed
     assert predictions(output_dir) == expected  # every row once, the same outputs and grades
     assert results["models"]["expert"]["benchmarks"] == undisturbed["models"]["expert"]["benchmarks"]
+
+
+def test_a_node_lost_during_training(cluster, tiny_pair, sampled, tmp_path, monkeypatch):
+    """ZeRO-2 on 2 workers, 8 updates, a checkpoint every 4: once update 4's checkpoint is complete, the
+    workers are held at the start of update 6 and the node of one of them is killed. Ray Train restarts
+    the workers (train.max_failures) or the run fails in one line and a re-run resumes; either way it
+    resumes from update 4, logs every update once and ends with the undisturbed run's adapter."""
+    import threading
+
+    from lightreasoner_ray.errors import LightReasonerError
+    from lightreasoner_ray.stages.training.checkpoints import COMPLETE_MARKER, checkpoint_problem
+    from lightreasoner_ray.stages.training.driver import run_training
+    from test_checkpoint_faults import assert_same_adapter
+
+    STEPS = 8
+
+    def config(output_dir):
+        return train_config(tiny_pair, output_dir, sampled["dir"], "train.deepspeed.stage=2",
+                            f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.keep_checkpoints=2",
+                            "train.max_failures=2")
+
+    clear_nodes(cluster)
+    undisturbed = tmp_path / "undisturbed"
+    expected = run_training(config(undisturbed))
+    assert expected["resumed_from_step"] == 0 and expected["steps"] == STEPS
+
+    # The fresh node joins before the kill: Ray starts nodes from the main thread only, and the kill
+    # comes from a thread while run_training blocks this one.
+    cluster["workers"].append(cluster["cluster"].add_node(num_cpus=2))
+    cluster["cluster"].wait_for_nodes()
+    clear_nodes(cluster)
+    release = tmp_path / "release"
+    monkeypatch.setenv(HOLD_ENV, f"6:{release}")
+    output_dir = tmp_path / "disturbed"
+    first = output_dir / "checkpoints" / "train" / "step_0000004"
+    killed, problems = [], []
+
+    def kill_when_held():
+        try:
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline:
+                complete = all((first / COMPLETE_MARKER.format(rank=r)).is_file() for r in (0, 1))
+                if complete and any(cluster["nodes_dir"].iterdir()):
+                    problems.append(checkpoint_problem(str(first), 0))
+                    hosting = {path.name.split("-")[0] for path in cluster["nodes_dir"].iterdir()}
+                    victim = next(node for node in cluster["workers"] if node.node_id in hosting)
+                    cluster["cluster"].remove_node(victim, allow_graceful=False)  # SIGKILL its raylet and workers
+                    cluster["workers"].remove(victim)
+                    killed.append(victim.node_id)
+                    return
+                time.sleep(0.1)
+        finally:
+            release.write_text("released\n")
+
+    killer = threading.Thread(target=kill_when_held, daemon=True)
+    killer.start()
+    try:
+        summary = run_training(config(output_dir))
+    except LightReasonerError as error:  # lost beyond the restarts: one line, then a re-run resumes
+        assert "\n" not in str(error)
+        killer.join()
+        summary = run_training(config(output_dir))
+    killer.join()
+    assert killed and problems == [None]  # a worker's node was killed after update 4's checkpoint was complete
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == STEPS
+    assert [row["step"] for row in metrics(output_dir)] == list(range(1, STEPS + 1))
+    assert_same_adapter(output_dir / "model", undisturbed / "model")

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -330,6 +330,23 @@ def normalize_answer(text: str) -> str:
 
 def _normalize_with_label(text: str) -> tuple[str, str | None]:
     """:func:`normalize_answer` and the lone symbol it removed (``x`` of ``x = 3``), if any."""
+    answer, prefix = _normalize_with_prefix(text)
+    symbol = _LONE_SYMBOL.fullmatch(prefix) if prefix else None
+    return answer, (re.sub(r"[\s{}]", "", symbol.group(1)) if symbol else None)
+
+
+def _tuple_label(text: str) -> tuple[str, tuple[str, ...]] | None:
+    """``(x, y) = (1, 2)`` -> ``("(1, 2)", ("x", "y"))``: the value and the lone symbols labelling it."""
+    answer, prefix = _normalize_with_prefix(text)
+    names = re.fullmatch(r"\(\s*(.*?)\s*\)\s*=\s*", prefix or "")
+    if not names:
+        return None
+    symbols = [re.sub(r"[\s{}]", "", name) for name in names.group(1).split(",")]
+    return answer, tuple(symbols)
+
+
+def _normalize_with_prefix(text: str) -> tuple[str, str | None]:
+    """:func:`normalize_answer` and the label prefix it removed (``x = ``, ``(p, q) = ``), if any."""
     answer = text.strip()
     for char, replacement in _UNICODE.items():
         answer = answer.replace(char, replacement)
@@ -350,8 +367,7 @@ def _normalize_with_label(text: str) -> tuple[str, str | None]:
     prefix = _LHS_PREFIX.match(answer)
     label = None
     if prefix and "=" not in answer[prefix.end() :] and answer[prefix.end() :].strip():
-        symbol = _LONE_SYMBOL.fullmatch(prefix.group())
-        label = re.sub(r"[\s{}]", "", symbol.group(1)) if symbol else None
+        label = prefix.group()
         answer = answer[prefix.end() :]
     answer = _strip_unit(answer)
     letter = _PAREN_LETTER.fullmatch(answer)
@@ -419,6 +435,7 @@ class _Structure:
     text: str = ""
     items: tuple[_Structure, ...] = ()
     ordered: bool = True
+    label: str | None = None  # the lone symbol it was stated for: ``x`` of ``x = 1`` in ``x = 1, y = 2``
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:
@@ -472,8 +489,15 @@ def _enclosing_brackets(text: str) -> tuple[str, str] | None:
 
 
 def _structure(text: str, depth: int = 0) -> _Structure:
-    """Parse an answer into nested sequences of normalised scalars."""
-    text = normalize_answer(text) if depth else text
+    """Parse an answer into nested sequences of normalised scalars, keeping each member's label."""
+    if not depth:
+        return _unlabelled_structure(text, depth)
+    text, label = _normalize_with_label(text)
+    structure = _unlabelled_structure(text, depth)
+    return replace(structure, label=label) if label else structure
+
+
+def _unlabelled_structure(text: str, depth: int) -> _Structure:
     if depth > MAX_NESTING:
         raise _TooLarge("answer nested too deeply")
     if _THOUSANDS.fullmatch(text):
@@ -520,6 +544,8 @@ def _items(parts: Sequence[Any], depth: int) -> tuple[_Structure, ...]:
 def _structures_match(predicted: _Structure, reference: _Structure, scalars_equal: Callable[[str, str], bool]) -> bool:
     if predicted.kind != reference.kind or len(predicted.items) != len(reference.items):
         return False
+    if predicted.label and reference.label and predicted.label != reference.label:
+        return False  # "x = 1, y = 2" is not "x = 2, y = 1": members pair by label where both state one
     if predicted.kind == "scalar":
         return scalars_equal(predicted.text, reference.text)
 
@@ -1007,6 +1033,8 @@ def is_equivalent(prediction: str, reference: str, *, timeout: float = SYMBOLIC_
     predicted_text = _decimal_comma(predicted_text, reference_text)
     try:
         predicted, expected = _structure(predicted_text), _structure(reference_text)
+        predicted, expected = _with_label(predicted, predicted_label, predicted_text), _with_label(expected, reference_label, reference_text)
+        predicted, expected = _labelled_tuple_as_list(prediction, predicted, expected), _labelled_tuple_as_list(reference, expected, predicted)
     except _TooLarge:
         return False
     except _ParseError:
@@ -1033,6 +1061,25 @@ def is_equivalent(prediction: str, reference: str, *, timeout: float = SYMBOLIC_
 # and sums or products of huge ranges): refused up front rather than killed after the
 # timeout, which also saves restarting the worker. Answers our parser reads never get here.
 _EXPENSIVE = re.compile(r"\^\s*\{?\s*\d+\s*\^|\d{3,}\s*\}?\s*\)?\s*!|\\(?:sum|prod)_\{[^{}]*\}\^\s*\{[^{}]*\d{4,}")
+
+
+def _with_label(structure: _Structure, label: str | None, text: str) -> _Structure:
+    """The answer stated for ``label``: in ``x = 1, 2`` (a bare list) each unlabelled member is a value of ``x``."""
+    if not label:
+        return structure
+    if structure.kind == "set" and not _enclosing_brackets(text):
+        return replace(structure, items=tuple(item if item.label else replace(item, label=label) for item in structure.items))
+    return replace(structure, label=label)
+
+
+def _labelled_tuple_as_list(answer: str, structure: _Structure, other: _Structure) -> _Structure:
+    """``(x, y) = (1, 2)`` as the labelled list ``x = 1, y = 2`` when ``other`` is such a list, else ``structure``."""
+    if structure.kind != "()" or other.kind != "set" or not all(item.label for item in other.items):
+        return structure
+    labelled = _tuple_label(answer)
+    if labelled is None or len(labelled[1]) != len(structure.items) or not all(_LONE_SYMBOL.fullmatch(f"{name}=") for name in labelled[1]):
+        return structure
+    return _Structure("set", items=tuple(replace(item, label=name) for item, name in zip(structure.items, labelled[1])), ordered=False)
 
 
 def _parses(text: str) -> bool:
