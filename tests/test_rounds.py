@@ -81,8 +81,10 @@ def _fingerprint(directory: Path) -> dict[str, tuple[int, str]]:
     """Every file under ``directory`` (round directories excluded): mtime and content hash."""
     return {str(path.relative_to(directory)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
             for path in sorted(directory.rglob("*"))
-            # Round directories aside, and logs/ (every invocation writes its own log file there).
-            if path.is_file() and not path.relative_to(directory).parts[0].startswith(("round-", "logs"))}
+            # Round directories aside, logs/ (every invocation writes its own log file there) and the
+            # output_dir lock (every invocation takes it).
+            if path.is_file() and not path.relative_to(directory).parts[0].startswith(("round-", "logs"))
+            and path.name != ".lightreasoner.lock"}
 
 
 @pytest.mark.slow
