@@ -148,9 +148,19 @@ class SamplingConfig:
     engine: str = "hf"
     # vLLM shares the actor's GPU with the HF expert and amateur used for the contrast.
     vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(gpu_memory_utilization=0.5))
+    # The expert's rollouts: greedy at temperature 0 (the paper's), else sampled at this
+    # temperature with nucleus top_p; a problem's rollout depends only on seed and the problem
+    # (not on its batch, actor or engine's scheduling), so a resumed run draws the same.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
     def validate(self, key: str) -> None:
         check_engine_name(f"{key}.engine", self.engine)
+        if self.temperature < 0:
+            raise LightReasonerError(f"{key}.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LightReasonerError(f"{key}.top_p must be in (0, 1], got {self.top_p}")
         if not (0.0 < self.alpha <= 1.0):
             raise LightReasonerError(f"{key}.alpha must be in (0, 1], got {self.alpha}")
         if self.beta < 0.0:
@@ -221,6 +231,15 @@ class TrainConfig:
     max_failures: int = 2
     # Recompute activations in the backward pass (long sequences on large experts).
     gradient_checkpointing: bool = False
+    # The divergence between the soft label v_C and the model at each selected step:
+    # "forward_kl" KL(v_C || pi) (the paper's), "reverse_kl" KL(pi || v_C) with pi restricted to the
+    # label's support (outside it v_C is 0 and the full reverse KL is infinite), or "jsd", the
+    # generalised Jensen-Shannon divergence with mixture m = jsd_beta * v_C + (1 - jsd_beta) * pi.
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    # Adds anchor_weight * KL(pi_expert || pi) at the selected steps: pulls the model toward the
+    # expert's own distribution there (the base model with the LoRA adapter switched off).
+    anchor_weight: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -252,6 +271,16 @@ class TrainConfig:
         if self.max_failures < -1:
             raise LightReasonerError(f"{key}.max_failures must be >= -1, got {self.max_failures}")
         _check_choice(f"{key}.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        _check_choice(f"{key}.divergence", self.divergence, ("forward_kl", "reverse_kl", "jsd"))
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise LightReasonerError(f"{key}.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if self.anchor_weight < 0:
+            raise LightReasonerError(f"{key}.anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_weight > 0 and not self.lora.enabled:
+            raise LightReasonerError(
+                f"{key}.anchor_weight={self.anchor_weight} needs {key}.lora.enabled=true: the anchor is the expert's "
+                "own distribution, computed by the base model with the adapter switched off"
+            )
 
 
 @dataclass

@@ -86,6 +86,25 @@ def test_every_kept_checkpoint_is_marked_complete_by_every_worker(undisturbed):
 
 
 @pytest.mark.slow
+def test_a_complete_checkpoint_ray_train_never_registered_is_resumed_from(tiny_pair, sampled, undisturbed, tmp_path):
+    """A node lost after every worker finished update 8's checkpoint but before Ray Train registered it: the
+    run holds the complete step_0000008 and no Ray Train record of it. The re-run resumes from update 8 (not
+    from scratch) and ends with the undisturbed run's adapter."""
+    from lightreasoner_ray.io.layout import RunLayout
+    from lightreasoner_ray.stages.training.driver import run_training
+
+    source = undisturbed["output_dir"]
+    output_dir = tmp_path / "run"
+    shutil.copytree(run_dir(source) / "step_0000008", run_dir(output_dir) / "step_0000008")
+    shutil.copy(RunLayout(str(source)).checkpoints_provenance, RunLayout(str(output_dir)).checkpoints_provenance)
+    assert not (run_dir(output_dir) / "checkpoint_manager_snapshot.json").exists()  # Ray Train registered nothing
+
+    summary = run_training(config_for(tiny_pair, sampled, output_dir))
+    assert summary["resumed_from_step"] == 8 and summary["steps"] == 16
+    assert_same_adapter(output_dir / "model", undisturbed["reference"])
+
+
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tiny_pair, sampled, undisturbed):
     """Garble (same size) a file of update 16's checkpoint that only worker 1 reads: every rank falls back
     to update 8 and the re-run ends where the undisturbed run from that checkpoint ended."""
@@ -222,3 +241,23 @@ def test_deepspeed_checkpoint_files_are_read_without_running_code(tmp_path, monk
     torch.save({"module": {"w": torch.ones(2)}, "step": 3}, plain)
     with _weights_only_loading(engine):
         assert engine.checkpoint_engine.load(str(plain), map_location="cpu")["step"] == 3
+
+
+def test_resume_candidates_are_every_step_checkpoint_newest_first_with_or_without_ray_trains_latest(tmp_path):
+    """Without a registered checkpoint the run's step_* folders are the candidates; with one, it is among them
+    in step order (a later unregistered checkpoint comes first)."""
+    from ray.train import Checkpoint
+
+    from lightreasoner_ray.stages.training.checkpoints import _candidates
+
+    for name in ("step_0000004", "step_0000008", "step_0000008-2", "step_0000008-final", "notes", "step_x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_0000012").write_text("a file, not a checkpoint")
+    names = [Path(c.path).name for c in _candidates(None, str(tmp_path))]
+    assert names == ["step_0000008-final", "step_0000008-2", "step_0000008", "step_0000004"]
+    assert list(_candidates(None, str(tmp_path / "absent"))) == [] and list(_candidates(None, None)) == []
+
+    latest = Checkpoint(path=str(tmp_path / "step_0000004"))
+    listed = list(_candidates(latest, str(tmp_path)))
+    assert [Path(c.path).name for c in listed] == names
+    assert listed[-1] is latest  # Ray Train's own object, so it is recognised as registered

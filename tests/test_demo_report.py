@@ -1,6 +1,7 @@
 """The demo's bookkeeping without Ray: its output_dir guard, its checks, its slips and its table."""
 
 import dataclasses
+from pathlib import Path
 import json
 
 import pytest
@@ -118,6 +119,25 @@ def test_slips_and_report_from_made_up_predictions(tmp_path):
     markdown = demo_markdown(report)
     assert f"| expert + LightReasoner | {100 * (a0 + a1) / 2:.1f} ± {100 * abs(a0 - a1) / 2 ** 0.5:.1f} |" in markdown
     assert "(resumed)" not in markdown
+    assert "Toy pair" not in markdown  # no fingerprint given, none claimed
+
+    report = demo_report(config, _Pair(), results, runs, sampled, {"sample": 4.0}, 7, slips,
+                         fingerprint="abc-123", machine="Some CPU, torch 9, 2 threads")
+    assert report["toy_pair"]["fingerprint"] == "abc-123" and report["toy_pair"]["machine"].startswith("Some CPU")
+    assert "Toy pair abc-123, on Some CPU, torch 9, 2 threads." in demo_markdown(report)
+
+
+def test_the_machine_description_names_the_cpu_torch_and_threads():
+    import torch
+
+    from lightreasoner_ray.runs.demo import machine_description
+
+    description = machine_description()
+    cpu = description.split(", torch ")[0]
+    assert cpu and f"torch {torch.__version__}, {torch.get_num_threads()} threads" in description
+    info = Path("/proc/cpuinfo")
+    if info.is_file() and "model name" in info.read_text():
+        assert cpu in info.read_text()
 
 
 class _Pair:

@@ -239,12 +239,10 @@ def test_a_node_lost_during_training(cluster, tiny_pair, sampled, tmp_path, monk
         try:
             deadline = time.monotonic() + 150
             while time.monotonic() < deadline:
+                # Whether Ray Train has registered it yet (it does so asynchronously) does not matter: the
+                # restart resumes from the newest checkpoint every worker completed.
                 complete = all((first / COMPLETE_MARKER.format(rank=r)).is_file() for r in (0, 1))
-                # Ray Train registers a reported checkpoint asynchronously: kill only once it is registered,
-                # so the restart's resume point is update 4 and not a race.
-                snapshot = first.parent / "checkpoint_manager_snapshot.json"
-                registered = snapshot.is_file() and first.name in snapshot.read_text()
-                if complete and registered and any(cluster["nodes_dir"].iterdir()):
+                if complete and any(cluster["nodes_dir"].iterdir()):
                     problems.append(checkpoint_problem(str(first), 0))
                     hosting = {path.name.split("-")[0] for path in cluster["nodes_dir"].iterdir()}
                     victim = next(node for node in cluster["workers"] if node.node_id in hosting)

@@ -76,6 +76,14 @@ def test_greedy_completions_equal_hf_token_for_token_and_sampling_draws_n(vllm_p
         assert all(len({tuple(c.token_ids) for c in samples}) > 1 for samples in drawn)  # random weights: they differ
         again = engine.generate(prompts[:3])  # per-request seeds: the same draw
         assert [[c.token_ids for c in s] for s in again] == [[c.token_ids for c in s] for s in drawn]
+
+        # Sampled rollouts of the sampling stage: one seed per prompt, a prompt's draw independent of its call.
+        engine.spec = dataclasses.replace(spec, temperature=1.0, top_p=1.0, n=1)
+        together = [s[0].token_ids for s in engine.generate(prompts[:4], seeds=[11, 12, 13, 14])]
+        alone = engine.generate([prompts[2]], seeds=[13])[0][0].token_ids
+        assert alone == together[2]
+        reseeded = [s[0].token_ids for s in engine.generate(prompts[:4], seeds=[21, 22, 23, 24])]
+        assert reseeded != together
     finally:
         engine.close()
 

@@ -64,7 +64,10 @@ class Completion:
 class GenerationEngine(Protocol):
     tokenizer: Any
 
-    def generate(self, prompts: list[list[int]]) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[list[int]], seeds: Optional[list[int]] = None) -> list[list[Completion]]:
+        """``spec.n`` completions per prompt. With ``seeds`` (sampled decoding), prompt i's draw
+        depends on ``seeds[i]`` and the prompt alone, not on the other prompts of the call."""
+        ...
 
 
 EngineFactory = Callable[[EngineSpec], GenerationEngine]

@@ -79,7 +79,9 @@ class HFEngine:
     def room(self, prompt_length: int) -> int:
         return min(self.spec.max_new_tokens, self.context - prompt_length)
 
-    def generate(self, prompts: list[list[int]]) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None) -> list[list[Completion]]:
+        """Completions in batches of similar length; with ``seeds`` (sampled decoding), each prompt
+        is drawn alone from its own seed, so its draw does not depend on the rest of the call."""
         import torch
 
         from lightreasoner_ray.engines.generation import greedy_generate, sampled_generate
@@ -89,13 +91,18 @@ class HFEngine:
         too_long = [i for i, prompt in enumerate(prompts) if self.room(len(prompt)) <= 0]
         if too_long:
             logger.warning("%d prompts fill the %d-token context; their completions are empty", len(too_long), self.context)
-        for batch in self._batches(prompts):
+        batches = self._batches(prompts)
+        if seeds is not None and not spec.greedy:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            batches = [[index] for batch in batches for index in batch]
+        for batch in batches:
             budget = self.room(len(prompts[batch[-1]]))  # the same for every row of a batch
             batch_prompts = [prompts[i] for i in batch]
             if spec.greedy and spec.n == 1:
                 token_lists = [[tokens] for tokens in greedy_generate(self.model, self.tokenizer, batch_prompts, budget)]
             else:
-                torch.manual_seed(spec.seed)
+                torch.manual_seed(spec.seed if seeds is None else seeds[batch[0]])
                 token_lists = sampled_generate(
                     self.model, self.tokenizer, batch_prompts, budget, spec.temperature, spec.top_p, spec.n
                 )

@@ -248,7 +248,7 @@ class VLLMEngine:
         if engine_core is not None:
             engine_core.shutdown()
 
-    def sampling_params(self, max_tokens: int) -> Any:
+    def sampling_params(self, max_tokens: int, seed: int | None = None) -> Any:
         from vllm import SamplingParams
 
         spec = self.spec
@@ -260,12 +260,13 @@ class VLLMEngine:
             repetition_penalty=1.0,
             max_tokens=max_tokens,
             stop_token_ids=sorted(self.stop_ids),
-            seed=None if spec.greedy else spec.seed,
+            seed=None if spec.greedy else (spec.seed if seed is None else seed),
             detokenize=False,
         )
 
-    def generate(self, prompts: list[list[int]]) -> list[list[Completion]]:
-        """All prompts handed to vLLM at once: it schedules them by continuous batching."""
+    def generate(self, prompts: list[list[int]], seeds: list[int] | None = None) -> list[list[Completion]]:
+        """All prompts handed to vLLM at once: it schedules them by continuous batching. With
+        ``seeds``, each request samples from its own seed (vLLM's per-request generator)."""
         from vllm.inputs import TokensPrompt
 
         from lightreasoner_ray.engines.generation import truncate_at_eos
@@ -279,7 +280,7 @@ class VLLMEngine:
             return completions
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in fits],
-            [self.sampling_params(self.room(len(prompts[i]))) for i in fits],
+            [self.sampling_params(self.room(len(prompts[i])), None if seeds is None else seeds[i]) for i in fits],
             use_tqdm=False,
         )
         for index, output in zip(fits, outputs):

@@ -123,7 +123,10 @@ def run_demo(config: Config) -> dict[str, Any]:
 
     pair = _timed("build_pair", timings, build_toy_pair, cache_root() / ("toy_pair_quick" if demo.quick else "toy_pair"),
                   spec=quick_pair_spec() if demo.quick else None)
-    claim_output_dir(config, pair_fingerprint(pair))
+    fingerprint = pair_fingerprint(pair)
+    echo(f"toy pair {fingerprint} on {machine_description()}: a pair with another fingerprint (another CPU or "
+         "torch) gives other figures than the README's")
+    claim_output_dir(config, fingerprint)
     # Round r trains on problems [(r - 1) n, r n) of one draw: every round's problems are fresh.
     train_draw = generate_problems(demo.train_problems * demo.rounds, seed=1000, split="train")
     train_rows = train_draw[: demo.train_problems]
@@ -208,7 +211,8 @@ def run_demo(config: Config) -> dict[str, Any]:
 
     slips = hasty_slips(evaluation, held_out_rows)
     report = demo_report(config, pair, results, variant_runs, sampled, timings, steps, slips,
-                         rejection={key: value for key, value in rejection.items() if key != "rows"})
+                         rejection={key: value for key, value in rejection.items() if key != "rows"},
+                         fingerprint=fingerprint, machine=machine_description())
     paths = write_demo_report(config.output_dir, report)
     echo(f"demo results: {paths['markdown']}, {paths['json']}, {paths['chart']}")
     echo(demo_markdown(report))  # last: the table is what the console ends with
@@ -294,6 +298,23 @@ def check_demo_config(config: Config) -> None:
                                  f"got {list(config.eval.benchmarks)}")
     if len(set(config.demo.seeds)) != len(config.demo.seeds):
         raise LightReasonerError(f"demo: demo.seeds has repeats: {list(config.demo.seeds)}")
+
+
+def machine_description() -> str:
+    """The CPU model, torch version and thread count, as the demo records them beside its pair."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def pair_fingerprint(pair) -> str:

@@ -73,7 +73,7 @@ def _accuracy(results: dict[str, Any], tag: str) -> float:
 def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
                 sampled: list[dict[str, Any]], timings: dict[str, float], lightreasoner_steps: int,
                 slips: dict[str, dict[str, Any]] | None = None,
-                rejection: dict[str, Any] | None = None) -> dict[str, Any]:
+                rejection: dict[str, Any] | None = None, fingerprint: str = "", machine: str = "") -> dict[str, Any]:
     problems = len(sampled)
     slips = slips or {}
     rows = [
@@ -123,7 +123,8 @@ def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dic
         "expert_completion_tokens": completion_tokens,
         "rejection_sampling": rejection,
         "toy_pair": {"expert": str(pair.expert_path), "amateur": str(pair.amateur_path),
-                     "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy},
+                     "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy,
+                     "fingerprint": fingerprint, "machine": machine},
         "timings_s": timings,
         "evaluation": results,
     }
@@ -176,6 +177,9 @@ def demo_markdown(report: dict[str, Any]) -> str:
              "than in the amateur).\n")
     if resumed:
         text += "Wall times marked resumed include stages resumed from an earlier run: not what they cost.\n"
+    pair = report.get("toy_pair") or {}
+    if pair.get("fingerprint"):
+        text += f"Toy pair {pair['fingerprint']}, on {pair.get('machine') or 'an unrecorded machine'}.\n"
     return text
 
 

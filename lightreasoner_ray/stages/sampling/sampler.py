@@ -9,6 +9,8 @@ row per trajectory in the samples schema.
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import time
 from typing import Any, Sequence
@@ -37,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def completion_engine(name: str, expert: ModelConfig, max_new_tokens: int, context: int, vllm: VLLMConfig | None,
-                      tokenizer: Any, expert_model: Any) -> Any:
-    """The engine that writes the expert's greedy completions (``sampling.engine``).
+                      tokenizer: Any, expert_model: Any, temperature: float = 0.0, top_p: float = 1.0) -> Any:
+    """The engine that writes the expert's completions (``sampling.engine``): greedy, or sampled at ``temperature``.
 
     ``hf`` serves the expert already loaded for the contrast; any other engine loads
     its own copy (vLLM: in the memory share ``sampling.vllm.gpu_memory_utilization``).
@@ -53,6 +55,8 @@ def completion_engine(name: str, expert: ModelConfig, max_new_tokens: int, conte
         batch_size=1 << 30,  # Ray Data hands over sampling.batch_size problems: one batch
         dtype=expert.dtype,
         trust_remote_code=expert.trust_remote_code,
+        temperature=temperature,
+        top_p=top_p,
         vllm=dataclasses.replace(settings, max_model_len=min(settings.max_model_len or context, context)),
     )
     if name == "hf":
@@ -62,6 +66,12 @@ def completion_engine(name: str, expert: ModelConfig, max_new_tokens: int, conte
     if hasattr(engine, "context"):
         engine.context = min(engine.context, context)
     return engine
+
+
+def rollout_seed(seed: int, problem_id: str) -> int:
+    """The random seed of one problem's sampled rollout: ``sampling.seed`` and the problem id, nothing else."""
+    digest = hashlib.sha256(f"{seed}:{problem_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class ContrastiveSampler:
@@ -78,6 +88,9 @@ class ContrastiveSampler:
         selection: str = "paper",
         engine: str = "hf",
         vllm: VLLMConfig | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> None:
         reached("sampling.actor_loading")
         self.device = default_device()
@@ -86,7 +99,10 @@ class ContrastiveSampler:
         self.amateur = load_model(amateur, "amateur", self.device)
         self.vocab_size = shared_vocab_size(self.tokenizer, self.expert, self.amateur)
         self.context = min(context_length(self.expert), context_length(self.amateur))
-        self.engine = completion_engine(engine, expert, max_new_tokens, self.context, vllm, self.tokenizer, self.expert)
+        self.engine = completion_engine(engine, expert, max_new_tokens, self.context, vllm, self.tokenizer, self.expert,
+                                        temperature, top_p)
+        self.sampled = temperature > 0
+        self.seed = seed
         self.generation_seconds = 0.0
         self.alpha = alpha
         self.beta = beta
@@ -97,7 +113,12 @@ class ContrastiveSampler:
     def sample(self, problem_ids: Sequence[str], prompts: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
         """Contrast the expert and the amateur on each prompt; one row per problem."""
         started = time.perf_counter()
-        completions = [samples[0].token_ids for samples in self.engine.generate([list(p) for p in prompts])]
+        if self.sampled:
+            seeds = [rollout_seed(self.seed, str(problem_id)) for problem_id in problem_ids]
+            generated = self.engine.generate([list(p) for p in prompts], seeds=seeds)
+        else:
+            generated = self.engine.generate([list(p) for p in prompts])
+        completions = [samples[0].token_ids for samples in generated]
         self.generation_seconds += time.perf_counter() - started
         contrasts = self.contrast(prompts, completions)
         rows = []

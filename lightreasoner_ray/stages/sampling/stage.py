@@ -53,6 +53,9 @@ def sampling_settings(config: Config) -> dict[str, Any]:
         "selection": sampling.selection,
         # The ids pi_E and pi_A are normalised over; the trainer normalises pi_theta over the same.
         "vocab_size": pair_vocab_size(config.expert, config.amateur),
+        # Sampled rollouts only: a greedy run's record is what it always was.
+        **({"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+           if sampling.temperature > 0 else {}),
     }
 
 
@@ -112,6 +115,9 @@ def run_sampling(config: Config, restart: bool = False) -> dict[str, Any]:
             selection=sampling.selection,
             engine=sampling.engine,
             vllm=sampling.vllm,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
         ))
         for batch in write_batches(dataset, samples_dir, len(todo), "sampling problems", sampling.rows_per_file):
             new_rows += batch.num_rows

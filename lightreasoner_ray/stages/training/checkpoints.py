@@ -53,15 +53,22 @@ class TrainState:
 
 
 def restore_checkpoint(engine: Any, lora: bool, train: Optional[TrainConfig] = None,
-                       rank: int = 0, world_size: int = 1) -> tuple[TrainState, bool]:
-    """The state of the latest complete checkpoint (a fresh one without), and whether it holds the final model.
+                       rank: int = 0, world_size: int = 1,
+                       checkpoint_root: Optional[str] = None) -> tuple[TrainState, bool]:
+    """The state of the newest complete checkpoint (a fresh one without), and whether it holds the final model.
 
-    Ray Train offers the latest checkpoint it registered. If that one is damaged (a file
-    missing, truncated or altered since it was written: see :func:`checkpoint_problem`),
-    the newest older complete checkpoint beside it is loaded instead, with a warning
-    naming the damaged one (left in place; Ray Train deletes it in turn as newer
-    checkpoints are kept). With none left, the error names the directory to delete. All
-    ranks agree on the checkpoint before any of them loads it.
+    The candidates are the checkpoint Ray Train registered last and every ``step_*``
+    checkpoint under ``checkpoint_root``, newest first: a checkpoint every worker finished
+    writing is complete even when Ray Train had not registered it yet (it registers reported
+    checkpoints asynchronously, so a node lost just after a save would otherwise send the
+    restart back one checkpoint). A damaged candidate (a file missing, truncated or altered
+    since it was written: see :func:`checkpoint_problem`) is skipped with a warning naming
+    it and left in place. When Ray Train had registered a checkpoint and none is usable, the
+    error names the directory to delete. Rank 0 lists the candidates and all ranks agree on
+    each one before any of them loads it.
+
+    A final model found in a checkpoint Ray Train did not register is not reported as
+    present (the worker then saves the final checkpoint again, through Ray Train).
 
     With ``train``, the config's optimizer settings replace the checkpoint's (see
     :func:`apply_optimizer_settings`).
@@ -69,21 +76,25 @@ def restore_checkpoint(engine: Any, lora: bool, train: Optional[TrainConfig] = N
     import ray.train
 
     latest = ray.train.get_checkpoint()
-    if latest is None:
-        return TrainState(), False
+    candidates = _agreed_candidates(latest, checkpoint_root, rank, world_size)
     damaged: list[str] = []
-    for checkpoint in _candidates(latest):
+    for checkpoint in candidates:
+        registered = latest is not None and _same_path(checkpoint.path, latest.path)
         with checkpoint.as_directory() as directory:
-            problem = checkpoint_problem(directory, rank, legacy_ok=checkpoint is latest)
+            problem = checkpoint_problem(directory, rank, legacy_ok=registered)
             if not _all_ranks_agree(problem is None, world_size):
                 problem = problem or "another worker found it damaged"
                 if rank == 0:
-                    logger.warning("checkpoint %s is damaged (%s): skipping it", checkpoint.path, problem)
+                    logger.warning("checkpoint %s is damaged or incomplete (%s): skipping it", checkpoint.path,
+                                   problem)
                 damaged.append(f"{checkpoint.path} ({problem})")
                 continue
             if damaged and rank == 0:
-                logger.warning("resuming from the older checkpoint %s instead of the damaged %s, which is left in "
-                               "place", checkpoint.path, "; ".join(damaged))
+                logger.warning("resuming from the older checkpoint %s instead of %s, left in place",
+                               checkpoint.path, "; ".join(damaged))
+            if not registered and rank == 0:
+                logger.info("resuming from %s, which every worker completed before Ray Train registered it",
+                            checkpoint.path)
             with _weights_only_loading(engine):
                 load_path, _ = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=not lora)
             if load_path is None:
@@ -91,7 +102,9 @@ def restore_checkpoint(engine: Any, lora: bool, train: Optional[TrainConfig] = N
             state = TrainState(**json.loads(Path(directory, TRAIN_STATE_FILE).read_text()))
             if train is not None:
                 apply_optimizer_settings(engine.lr_scheduler, train)
-            return state, Path(directory, MODEL_SUBDIR).is_dir()
+            return state, registered and Path(directory, MODEL_SUBDIR).is_dir()
+    if latest is None:
+        return TrainState(), False
     root = str(latest.path).rsplit("/", 1)[0]
     raise LightReasonerError(
         f"the checkpoint {damaged[0]} is damaged and no older complete checkpoint is kept: delete {root} "
@@ -99,22 +112,68 @@ def restore_checkpoint(engine: Any, lora: bool, train: Optional[TrainConfig] = N
     )
 
 
-def _candidates(latest: Any) -> Iterator[Any]:
-    """The latest checkpoint, then the other ``step_*`` checkpoints beside it, newest first."""
+def _same_path(a: str, b: str) -> bool:
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def _agreed_candidates(latest: Any, checkpoint_root: Optional[str], rank: int, world_size: int) -> list[Any]:
+    """:func:`_candidates` as rank 0 lists them (every rank then checks the same ones in the same order)."""
+    from ray.train import Checkpoint
+
+    listed = [[(c.path, c is latest) for c in _candidates(latest, checkpoint_root)]] if rank == 0 else [None]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(listed, src=0)
+    filesystem = latest.filesystem if latest is not None else None
+    result = []
+    for path, is_latest in listed[0] or []:
+        if is_latest and latest is not None:
+            result.append(latest)
+        else:
+            result.append(Checkpoint(path=path, filesystem=filesystem or _filesystem_of(checkpoint_root)))
+    return result
+
+
+def _filesystem_of(root: Optional[str]) -> Any:
+    from pyarrow import fs
+
+    if root is None or not storage.is_uri(root):
+        return fs.LocalFileSystem()
+    return fs.FileSystem.from_uri(root)[0]
+
+
+def _candidates(latest: Any, checkpoint_root: Optional[str] = None) -> Iterator[Any]:
+    """Ray Train's latest checkpoint and every other ``step_*`` checkpoint beside it, newest first."""
     from pyarrow import fs
     from ray.train import Checkpoint
 
-    yield latest
-    parent = str(latest.path).rstrip("/").rsplit("/", 1)[0]
-    try:
-        infos = latest.filesystem.get_file_info(fs.FileSelector(parent))
-    except (OSError, ValueError):
+    if latest is not None:
+        parent = str(latest.path).rstrip("/").rsplit("/", 1)[0]
+        filesystem = latest.filesystem
+    elif checkpoint_root is not None:
+        filesystem = _filesystem_of(checkpoint_root)
+        parent = fs.FileSystem.from_uri(checkpoint_root)[1] if storage.is_uri(checkpoint_root) else checkpoint_root
+    else:
         return
-    siblings = [info for info in infos if info.type == fs.FileType.Directory and _STEP_NAME.match(info.base_name)
-                and info.path.rstrip("/") != str(latest.path).rstrip("/")]
-    siblings.sort(key=lambda info: _step_key(info.base_name), reverse=True)
-    for info in siblings:
-        yield Checkpoint(path=info.path, filesystem=latest.filesystem)
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(parent, allow_not_found=True))
+    except (OSError, ValueError):
+        infos = []
+    found = {info.path.rstrip("/"): info.base_name for info in infos
+             if info.type == fs.FileType.Directory and _STEP_NAME.match(info.base_name)}
+    if latest is not None:
+        found.pop(str(latest.path).rstrip("/"), None)
+        name = str(latest.path).rstrip("/").rsplit("/", 1)[-1]
+        entries = [(name, latest)] if _STEP_NAME.match(name) else []
+        if not entries:
+            yield latest  # a registered checkpoint under another name still comes first
+    else:
+        entries = []
+    entries += [(name, Checkpoint(path=path, filesystem=filesystem)) for path, name in found.items()]
+    entries.sort(key=lambda entry: _step_key(entry[0]), reverse=True)
+    for _, checkpoint in entries:
+        yield checkpoint
 
 
 _STEP_NAME = re.compile(r"^step_(\d+)(-final)?(?:-(\d+))?$")

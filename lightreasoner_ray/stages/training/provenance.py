@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightreasoner_ray.config import flatten_tree
+from lightreasoner_ray.config import TrainConfig, flatten_tree
 
 # train.* keys that may differ between the runs of one output_dir, and why:
 # - the step budget and bookkeeping: raising max_steps continues the same run;
@@ -64,7 +64,10 @@ class TrainingProvenance:
                            "re-sampled, or other problems or sampling settings?)")
         if recorded.expert != self.expert:
             changes.append(f"the expert's weights changed (fingerprint {recorded.expert} -> {self.expert})")
+        defaults = flatten_tree(dataclasses.asdict(TrainConfig()), "train")
         for key in sorted(set(recorded.settings) | set(self.settings)):
+            if key not in recorded.settings and key in defaults and self.settings.get(key) == defaults[key]:
+                continue  # a setting added since the record was written, left at its default (the old behaviour)
             before, after = recorded.settings.get(key, "<unset>"), self.settings.get(key, "<unset>")
             if before != after:
                 changes.append(f"{key}: {before!r} -> {after!r}")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lightreasoner_ray.config import Config
-from lightreasoner_ray.core.loss import SelectedStepLogits, step_kl, update_loss_scale
+from lightreasoner_ray.core.loss import SelectedStepLogits, step_loss, update_loss_scale
 from lightreasoner_ray.core.schedule import lr_multiplier
 from lightreasoner_ray.core.update_plan import MicroBatch, Trajectory, UpdatePlan, collate, placeholder_micro_batch
 from lightreasoner_ray.data.samples import trajectories_from_table
@@ -82,8 +82,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=SelectedStepLogits(causal_lm, loop_config.get("vocab_size")), model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
     )
-    state, latest_has_model = restore_checkpoint(engine, train.lora.enabled, train, rank, world_size)
     checkpoint_root = loop_config.get("checkpoint_root")
+    state, latest_has_model = restore_checkpoint(engine, train.lora.enabled, train, rank, world_size, checkpoint_root)
     resumed_from = state.step
     metrics_log = (
         TrainMetricsLog(RunLayout(config.output_dir).train_metrics, state.step) if rank == 0 else None
@@ -107,7 +107,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         lr = float(engine.get_lr()[0])
         local_kl = torch.zeros((), dtype=torch.float64, device=device)
         for index, batch in enumerate(batches):
-            kl_sum = step_kl(engine, batch.to(device)).sum()
+            kl_sum = step_loss(engine, batch.to(device), train.divergence, train.jsd_beta,
+                               train.anchor_weight).sum()
             kl_sum = altered("train.micro_batch_loss", kl_sum, step=step, rank=rank)
             engine.backward(kl_sum * scale)
             local_kl += kl_sum.detach().double()
