@@ -374,6 +374,8 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     # A pair trained for a few steps only (tests of the plumbing; the numbers mean nothing).
     quick: bool = False
+    # The toy pair's build seed: another seed builds (and caches) another pair by the same recipe.
+    pair_seed: int = 0
     # The toy split evaluated: "validation" to make choices (lr, beta, steps) on, "test" only to report.
     eval_split: str = "test"
     # Moved to rejection_sft.samples_per_problem / rejection_sft.temperature (kept only to say so).

@@ -121,7 +121,8 @@ def run_demo(config: Config) -> dict[str, Any]:
     # Ray starts before any stage is timed, so its start-up is charged to no variant.
     init_ray(config.ray)
 
-    pair = _timed("build_pair", timings, build_toy_pair, cache_root() / ("toy_pair_quick" if demo.quick else "toy_pair"),
+    pair_dir = ("toy_pair_quick" if demo.quick else "toy_pair") + (f"_seed{demo.pair_seed}" if demo.pair_seed else "")
+    pair = _timed("build_pair", timings, build_toy_pair, cache_root() / pair_dir, seed=demo.pair_seed,
                   spec=quick_pair_spec() if demo.quick else None)
     fingerprint = pair_fingerprint(pair)
     echo(f"toy pair {fingerprint} on {machine_description()}: a pair with another fingerprint (another CPU or "
@@ -325,6 +326,13 @@ def pair_fingerprint(pair) -> str:
     return f"{pair.spec_hash}-{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
 
 
+# Settings added since demo records were first written: an older record lacking them still resumes.
+ADDED_DEMO_KEYS = frozenset({
+    "demo.pair_seed", "sampling.temperature", "sampling.top_p", "sampling.seed", "train.divergence",
+    "train.jsd_beta", "train.anchor_weight",
+})
+
+
 def claim_output_dir(config: Config, pair_hash: str) -> None:
     """Every stage of the demo resumes from what ``output_dir`` holds, so a directory
     that holds a demo run with other settings (or another toy pair) is refused rather
@@ -338,7 +346,7 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     # The refusal lists the changed keys alone (the settings are many; the record has their values).
     record = StageRecord(RunLayout(config.output_dir).demo_settings, settings, compare_dropped=True,
                          missing="<missing>", describe=lambda key, before, after: key,
-                         unreadable_is_unrecorded=True)
+                         unreadable_is_unrecorded=True, added=ADDED_DEMO_KEYS)
     path = record.path
 
     def refuse(changed: list[str]) -> LightReasonerError:
