@@ -4,7 +4,9 @@
     lightreasoner train    --config C [--restart] [key=value ...]
     lightreasoner evaluate --config C [--restart] [key=value ...]
     lightreasoner run      --config C [--restart] [key=value ...]
-    lightreasoner export   --config C [key=value ...]
+    lightreasoner export   --config C [--push-to-hub REPO] [key=value ...]
+    lightreasoner export-samples --config C [--push-to-hub REPO]   # the samples as a Hub dataset, with its card
+    lightreasoner check    --config C [key=value ...]          # pre-flight: what run needs, in seconds
     lightreasoner demo     [key=value ...]
     lightreasoner inspect  --config C [key=value ...]          # <output_dir>/samples_report.html
     lightreasoner compare  --config C [--before A --after B]   # fixed/broken questions, A vs B
@@ -60,6 +62,34 @@ def _export(config: Config) -> dict:
     return run_export(config)
 
 
+def _export_samples(config: Config) -> dict:
+    from lightreasoner_ray.stages.hub import export_samples
+
+    summary = export_samples(config)
+    echo(f"samples dataset: {summary['directory']} ({summary['rows']} rows)"
+         + (f", uploaded to {summary['url']}" if summary.get("url") else ""))
+    return summary
+
+
+def _check(config: Config) -> dict:
+    from lightreasoner_ray.runs.pipeline import check_before_start
+    from lightreasoner_ray.stages.preflight import preflight
+
+    report = preflight(config, extra_checks=[("run", check_before_start)])
+    for line in report.checked:
+        echo(f"ok: {line}")
+    for line in report.asks:
+        echo(f"cluster: {line}")
+    for line in report.warnings:
+        echo(f"warning: {line}")
+    for line in report.problems:
+        print(redact(f"lightreasoner check: problem: {line}"), file=sys.stderr)
+    if report.problems:
+        raise LightReasonerError(f"{len(report.problems)} problem(s) found in {report.seconds:.1f}s; nothing was started")
+    echo(f"all checks passed in {report.seconds:.1f}s (no model weights loaded)")
+    return report.to_dict()
+
+
 def _run(config: Config, restart: bool = False) -> dict:
     from lightreasoner_ray.runs.pipeline import run_pipeline
 
@@ -89,12 +119,17 @@ STAGES: dict[str, Callable[[Config], dict]] = {
     "train": _train,
     "evaluate": _evaluate,
     "run": _run,
+    "check": _check,
     "export": _export,
+    "export-samples": _export_samples,
     "demo": _demo,
     "inspect": _inspect,
     "compare": _compare,
 }
 HELP = {
+    "check": "pre-flight: config, models, tokenizers, data, output_dir, extras and cluster, in seconds; "
+             "one line per problem",
+    "export-samples": "write <output_dir>/samples_dataset (the samples and a dataset card); --push-to-hub uploads it",
     "demo": "the embedded default, local Ray, CPU",
     "inspect": "write <output_dir>/samples_report.html: KL, selected steps and soft labels of the samples",
     "compare": "per-benchmark table and the questions fixed and broken between two evaluated models",
@@ -108,12 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=HELP.get(name, f"run the {name} stage"))
         stage.add_argument("--config", "-c", default=None, help="YAML config file (configs/*.yaml)")
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.beta=0.5")
-        stage.add_argument("--log-level", default="INFO")
+        stage.add_argument("--log-level", default="WARNING" if name in UNLOGGED else "INFO")
         stage.add_argument("--verbose", "-v", action="store_true",
                            help="show Ray, DeepSpeed and library output live instead of only in <output_dir>/logs/")
         if name == "compare":
             stage.add_argument("--before", default="baseline", help="eval tag (or eval/<tag> directory) before training")
             stage.add_argument("--after", default="lightreasoner", help="eval tag (or eval/<tag> directory) after training")
+        if name in ("export", "export-samples"):
+            stage.add_argument("--push-to-hub", metavar="REPO", default=None,
+                               help="upload the result to this Hugging Face Hub repo (same as export.push_to_hub=REPO)")
         if name in RESTARTABLE:
             stage.add_argument(
                 "--restart", action="store_true",
@@ -122,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
     return parser
 
+
+# Commands that write nothing at all, not even <output_dir>/logs/: their output is the terminal's.
+UNLOGGED = ("check",)
 
 # Commands that only read a run in output_dir (and write their own report files beside it).
 READ_ONLY = ("inspect", "compare")
@@ -163,7 +204,7 @@ def load_command_config(command: str, config_path: str | None, overrides: list[s
 
 # Commands that write into output_dir hold its lock (io.lock) for their whole life; inspect and
 # compare only read what is there (and write their own report files) and take none.
-LOCKED = ("sample", "train", "evaluate", "run", "export", "demo")
+LOCKED = ("sample", "train", "evaluate", "run", "export", "export-samples", "demo")
 
 
 def run_stage(command: str, config: Config, restart: bool = False, **options: str) -> dict:
@@ -188,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     options = {"before": args.before, "after": args.after} if args.command == "compare" else {}
     console = None
     try:
-        config = load_command_config(args.command, args.config, args.overrides)
-        with quiet_console(config.output_dir, args.command, verbose=args.verbose, level=args.log_level) as console:
+        push = getattr(args, "push_to_hub", None)
+        overrides = args.overrides + ([f"export.push_to_hub={push}"] if push else [])
+        config = load_command_config(args.command, args.config, overrides)
+        with quiet_console(config.output_dir, args.command, verbose=args.verbose or args.command in UNLOGGED,
+                           level=args.log_level) as console:
             run_stage(args.command, config, getattr(args, "restart", False), **options)
     except LightReasonerError as exc:
         where = f" (full log: {console.log_path})" if console is not None else ""

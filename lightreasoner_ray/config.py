@@ -359,6 +359,10 @@ class ExportConfig:
     output: str = ""
     # Dtype to load, merge and save in; "auto" keeps the base checkpoint's own dtype.
     dtype: str = "auto"
+    # False: copy the adapter (with its model card) to the output instead of merging it.
+    merge: bool = True
+    # A Hub repo id ("user/name"): `export` uploads the model there, `export-samples` the samples dataset.
+    push_to_hub: str = ""
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -80,7 +80,7 @@ def test_read_only_commands_take_no_lock(holder, monkeypatch):
     monkeypatch.setitem(cli.STAGES, "inspect", lambda config: seen.append(config.output_dir) or {})
     cli.run_stage("inspect", cli.load_command_config("inspect", str(TINY), [f"output_dir={output_dir}"]))
     assert seen == [str(output_dir)]
-    assert set(cli.LOCKED) == {"sample", "train", "evaluate", "run", "export", "demo"}
+    assert set(cli.LOCKED) == {"sample", "train", "evaluate", "run", "export", "export-samples", "demo"}
 
 
 def test_a_uri_output_dir_is_locked_by_a_holder_object(tmp_path):

@@ -22,6 +22,7 @@ by an earlier version must still resume, so a name here changes only with a migr
       round-<n>/               rounds > 1: round n's own layout
       rounds.{json,md}         rounds: one row per round
       merged/                  export: the adapter merged into a standalone model
+      samples_dataset/         export-samples: the samples with a dataset card, ready for the Hub
       demo_settings.json, demo_results.{json,md,png}   the demo, with (demo only):
         data/toy_train.jsonl, data/toy_train_round<r>.jsonl, data/toy/test.jsonl   its problems
         all_steps/             the expert's samples with a soft label at every position (beta = 0)
@@ -70,6 +71,7 @@ SOLUTIONS = "solutions"
 REJECTION_SUMMARY = "rejection_summary.json"
 ROUNDS_JSON, ROUNDS_MD = "rounds.json", "rounds.md"
 MERGED = "merged"
+SAMPLES_DATASET = "samples_dataset"
 DEMO_RESULTS = "demo_results"
 DEMO_DATA = "data"
 DEMO_ALL_STEPS = "all_steps"
@@ -177,6 +179,11 @@ class RunLayout:
     @property
     def merged(self) -> str:
         return self.path(MERGED)
+
+    @property
+    def samples_dataset(self) -> str:
+        """The samples as a Hub dataset (Parquet shards and README.md): ``samples/`` stays pure Parquet."""
+        return self.path(SAMPLES_DATASET)
 
     # ---- the rejection-sampled SFT baseline: a layout of its own under rejection_sft/
     @property

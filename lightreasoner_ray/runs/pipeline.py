@@ -14,6 +14,7 @@ from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.runs.round import REJECTION_SFT_TAG, run_round
 from lightreasoner_ray.runs.rounds import run_rounds
 from lightreasoner_ray.stages.evaluation.stage import load_benchmarks
+from lightreasoner_ray.stages.preflight import require_preflight
 from lightreasoner_ray.ui.tracking import numeric_leaves, tracked_stage
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def run_outputs(config: Config, result: dict[str, Any]) -> tuple[dict[str, float
 @tracked_stage("run", outputs=run_outputs)
 def run_pipeline(config: Config, restart: bool = False) -> dict[str, Any]:
     """``restart`` starts every stage over (each removes its own earlier outputs first)."""
-    check_before_start(config)
+    require_preflight(config, extra_checks=[("run", check_before_start)])  # `lightreasoner check`'s checks
     if config.rounds > 1:
         if restart:
             raise LightReasonerError(

@@ -7,6 +7,12 @@ adapter's ``adapter_config.json``. The merged model and the tokenizer are writte
 see a half-written directory. Beside the model goes ``lightreasoner_export.json`` (what was
 merged); export replaces only a directory holding that mark (or an empty one), and refuses
 anything else, so pointing ``export.output`` at a run's output_dir or other data loses nothing.
+
+Beside the model goes its model card, ``README.md`` (stages.hub: the expert, the amateur, the
+method's settings and the evaluation, from the run's records). ``export.merge=false`` copies the
+adapter itself, with its card, instead of merging it. ``export.push_to_hub=REPO`` uploads the
+exported directory to the Hub; whatever would stop the upload (offline, no token, the Hub
+unreachable) is found before any merge work.
 """
 
 from __future__ import annotations
@@ -25,8 +31,16 @@ from lightreasoner_ray.config import Config
 from lightreasoner_ray.engines.models import DTYPES, check_model_path, read_model_config
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import local_dirs, storage, test_seam
-from lightreasoner_ray.io.layout import RunLayout
+from lightreasoner_ray.io.layout import PROVENANCE, RunLayout
 from lightreasoner_ray.io.model_dirs import ADAPTER_CONFIG
+from lightreasoner_ray.stages.hub import (
+    check_push,
+    hub_id,
+    model_card,
+    push_folder,
+    read_run_records,
+    write_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +118,9 @@ def _load_dtype(requested: str, base: str, trust_remote_code: bool) -> torch.dty
 
 
 def run_export(config: Config) -> dict[str, Any]:
-    """Merge the adapter into its base model and save the result; return what was done."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Merge the adapter into its base model (or, with ``export.merge=false``, copy it) and save the
+    result with its model card; upload it to ``export.push_to_hub`` when set; return what was done."""
+    from transformers import AutoTokenizer
 
     started = time.time()
     adapter_path, output_path = export_paths(config)
@@ -122,27 +136,32 @@ def run_export(config: Config) -> dict[str, Any]:
     if not base:
         raise LightReasonerError(f"{adapter}/adapter_config.json names no base model: set expert.path")
     check_model_path(base, "expert")
+    repo_id = config.export.push_to_hub
+    push = check_push(repo_id, "model") if repo_id else None  # before minutes of merging, too
+    target = Path(output_path).expanduser()
+    card = model_card(base=base, adapter=str(adapter), output=str(target), merged=config.export.merge,
+                      records=read_run_records(str(adapter.parent), str(adapter)),
+                      adapter_config=json.loads((adapter / ADAPTER_CONFIG).read_text()), model_name=repo_id)
     trust = config.expert.trust_remote_code
     dtype = _load_dtype(config.export.dtype, base, trust)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust)
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    except (OSError, ValueError) as exc:
-        raise LightReasonerError(f"cannot merge adapter {adapter} into {base}: {exc}") from None
+    merged = _merge(adapter, base, dtype, trust) if config.export.merge else None
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), trust_remote_code=trust)
 
-    target = Path(output_path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     for leftover in local_dirs.remove_leftovers(target):
         logger.info("removed %s, left by an interrupted export", leftover)
     mark = {"adapter": str(adapter), "base": base, "dtype": str(dtype).removeprefix("torch."),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "merged": merged is not None, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     staging = local_dirs.staging_path(target)
     try:
-        merged.save_pretrained(staging)
+        if merged is not None:
+            merged.save_pretrained(staging)
+        else:
+            _copy_adapter(adapter, staging, base)
         tokenizer.save_pretrained(staging)
         (staging / EXPORT_MARK).write_text(json.dumps(mark, indent=2) + "\n", encoding="utf-8")
+        write_card(staging, card)
         test_seam.reached("export.staged", output=str(target), staging=str(staging))
         check_export_target(target)  # again: something may have appeared there while merging
         local_dirs.replace_directory(staging, target)
@@ -153,8 +172,34 @@ def run_export(config: Config) -> dict[str, Any]:
         "base": base,
         "output": str(target),
         "dtype": mark["dtype"],
-        "parameters": sum(p.numel() for p in merged.parameters()),
+        "merged": merged is not None,
+        "parameters": sum(p.numel() for p in merged.parameters()) if merged is not None else None,
         "wall_time_s": time.time() - started,
     }
-    logger.info("merged adapter %s into %s: %s", adapter, base, target)
+    logger.info("%s adapter %s (base %s): %s", "merged" if merged is not None else "copied", adapter, base, target)
+    if push is not None:
+        summary["url"] = push_folder(push, target)
     return summary
+
+
+def _merge(adapter: Path, base: str, dtype: torch.dtype, trust_remote_code: bool) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise LightReasonerError(f"cannot merge adapter {adapter} into {base}: {exc}") from None
+
+
+def _copy_adapter(adapter: Path, staging: Path, base: str) -> None:
+    """The adapter's files (not the training's provenance record) into ``staging``; its config names the
+    base by its Hub id where one is known, so the copy loads anywhere."""
+    shutil.copytree(adapter, staging, ignore=shutil.ignore_patterns(".*", PROVENANCE))
+    config_path = staging / ADAPTER_CONFIG
+    adapter_config = json.loads(config_path.read_text())
+    base_id = hub_id(base)
+    if base_id and adapter_config.get("base_model_name_or_path") != base_id:
+        adapter_config["base_model_name_or_path"] = base_id
+        config_path.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")

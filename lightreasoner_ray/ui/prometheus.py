@@ -1,8 +1,9 @@
 """Custom Ray metrics for dashboards backed by Prometheus (``ray.util.metrics``).
 
-Ray exports them from every node at its ``--metrics-export-port``; in Grafana they
-appear with the ``ray_`` prefix (e.g. ``ray_lightreasoner_problems_sampled``). Each
-process creates its metric objects once, on first use; outside Ray they are no-ops.
+Ray exports them from every node at its ``--metrics-export-port``; Prometheus stores
+them with the ``ray_`` prefix, counters with a ``_total`` suffix (e.g.
+``ray_lightreasoner_problems_sampled_total``; docs/monitoring.md). Each process creates
+its metric objects once, on first use; outside Ray they are no-ops.
 """
 
 from __future__ import annotations
