@@ -340,3 +340,22 @@ def test_export_samples_pushes_a_dataset_repo_and_refuses_offline(run, monkeypat
 def test_export_samples_without_samples_is_one_line(tmp_path):
     with pytest.raises(LightReasonerError, match=r"no samples in .*samples: run `lightreasoner sample`"):
         hub.export_samples(load_config(None, [f"output_dir={tmp_path}"]))
+
+
+def test_a_card_names_sampled_rollouts_and_a_loss_other_than_the_papers():
+    from lightreasoner_ray.stages.hub import RunRecords, dataset_card, model_card
+
+    paper = RunRecords(sampling={"beta": 0.4, "temperature": 0.0} | {"alpha": 0.2},
+                       training={"train_config": {"divergence": "forward_kl", "anchor_weight": 0.0}})
+    text = str(model_card(base="/models/expert", adapter="/run/model", output="/run/merged", merged=True,
+                          records=paper, adapter_config={}, model_name="me/model"))
+    assert "own greedy solutions" in text and "| rollouts | greedy |" in text and "| loss |" not in text
+
+    sampled = RunRecords(sampling={"beta": 0.4, "temperature": 0.6, "top_p": 0.95, "seed": 3},
+                         training={"train_config": {"divergence": "jsd", "jsd_beta": 0.3, "anchor_weight": 0.1}})
+    text = str(model_card(base="/models/expert", adapter="/run/model", output="/run/merged", merged=True,
+                          records=sampled, adapter_config={}, model_name="me/model"))
+    assert "own sampled solutions" in text
+    assert "| rollouts | sampled: temperature 0.6, top-p 0.95, seed 3 |" in text
+    assert "| loss | generalised JSD (β 0.3) + 0.1 × KL(expert ‖ model) |" in text
+    assert "the expert's sampled solution" in str(dataset_card(sampled, rows=5))

@@ -160,6 +160,7 @@ def _settings_rows(records: RunRecords, adapter_config: dict[str, Any]) -> list[
         ("α (plausibility mask)", sampling.get("alpha")),
         ("step selection", sampling.get("selection")),
         ("max new tokens (sampling)", sampling.get("max_new_tokens")),
+        ("rollouts", _rollouts(sampling)),
         ("problems sampled", counts.get("problems")),
         ("completion tokens sampled", counts.get("completion_tokens")),
         ("selected steps", counts.get("selected_steps")),
@@ -175,8 +176,32 @@ def _settings_rows(records: RunRecords, adapter_config: dict[str, Any]) -> list[
         ("DeepSpeed ZeRO stage", training.get("deepspeed_stage")),
         ("training workers", training.get("workers")),
         ("final loss", round(training["final_loss"], 6) if isinstance(training.get("final_loss"), float) else None),
+        ("loss", _loss(train_config)),
     ]
     return [(name, value) for name, value in rows if value not in (None, "", [])]
+
+
+def _rollouts(sampling: dict[str, Any]) -> Optional[str]:
+    """How the expert's solutions were drawn (the record names a temperature only for sampled ones)."""
+    if not sampling:
+        return None
+    if not sampling.get("temperature"):
+        return "greedy"
+    return f"sampled: temperature {sampling['temperature']}, top-p {sampling.get('top_p', 1.0)}, seed {sampling.get('seed', 0)}"
+
+
+def _loss(train_config: dict[str, Any]) -> Optional[str]:
+    """The training loss when it is not the paper's plain forward KL."""
+    divergence, anchor = train_config.get("divergence", "forward_kl"), train_config.get("anchor_weight") or 0
+    if divergence == "forward_kl" and not anchor:
+        return None
+    name = {"forward_kl": "KL(label ‖ model)", "reverse_kl": "reverse KL on the label's support",
+            "jsd": f"generalised JSD (β {train_config.get('jsd_beta', 0.5)})"}.get(divergence, divergence)
+    return name + (f" + {anchor} × KL(expert ‖ model)" if anchor else "")
+
+
+def _solutions(sampling: dict[str, Any]) -> str:
+    return "sampled" if sampling.get("temperature") else "greedy"
 
 
 def _results_table(results: dict[str, Any], tags: list[tuple[str, str]]) -> str:
@@ -225,7 +250,8 @@ def model_card(*, base: str, adapter: str, output: str, merged: bool, records: R
         f"# {model_name}",
         "",
         (f"`{_display(base)}` (the expert) improved with [LightReasoner]({PAPER}): the expert is trained towards "
-         "contrastive soft labels at the steps of its own greedy solutions where it disagrees most with a weaker "
+         f"contrastive soft labels at the steps of its own {_solutions(records.sampling)} solutions where it disagrees "
+         "most with a weaker "
          f"amateur model{f', `{_display(amateur)}`' if amateur else ''} (KL(expert ‖ amateur) > β). No "
          "ground-truth answers are used."),
         "",
@@ -315,7 +341,8 @@ def dataset_card(records: RunRecords, rows: int, name: str = "") -> Any:
     body = [
         f"# {data.pretty_name}",
         "",
-        (f"Samples of [LightReasoner]({PAPER}): one row per problem, the expert's greedy solution and, at the "
+        (f"Samples of [LightReasoner]({PAPER}): one row per problem, the expert's {_solutions(records.sampling)} "
+         "solution and, at the "
          "steps where the expert and the amateur disagree most (KL(expert ‖ amateur) > β), the contrastive soft "
          "label the expert is trained towards. Token ids are the expert's tokenizer's."),
         "",
