@@ -15,8 +15,9 @@ The analysis reads every model's graded predictions (``eval/<tag>/toy.jsonl``) a
   SFT on rejection-sampled solutions and SFT on gold solutions; round 2 against round 1), the
   mean paired difference (same pair, same seed, same problem);
 - 95% intervals from a hierarchical bootstrap that resamples pairs, then seeds within each
-  pair, then test problems within each pair (the same problems for both sides of a
-  difference): the spread of pairs, of training seeds and of the problems all count;
+  pair, then the test problems (one draw for every pair, since the demo tests every pair on
+  the same problems; the same problems for both sides of a difference): the spread of
+  pairs, of training seeds and of the problems all count;
 - the hasty-slip rates (the weakness the toy pair was built with) per variant.
 
 It writes ``<out>/study.json``, ``study.md`` (the table for docs/demo.md) and ``study.png``
@@ -109,11 +110,19 @@ def hierarchical_interval(pairs: Sequence[PairOutcomes], seeds: Sequence[int],
     rng = np.random.default_rng(rng_seed)
     everything = [np.arange(len(pair.problems)) for pair in pairs]
     point = _estimate(pairs, seeds, statistic, range(len(pairs)), [range(len(seeds))] * len(pairs), everything)
+    # The demo tests every pair on the same held-out problems: problems are crossed with pairs, so one
+    # draw of problems serves every pair of a resample (drawing them per pair would treat the pairs'
+    # problems as independent and narrow the interval).
+    shared = all(pair.problems == pairs[0].problems for pair in pairs)
     draws = np.empty(resamples)
     for r in range(resamples):
         chosen = rng.integers(0, len(pairs), size=len(pairs))
         seed_index = [rng.integers(0, len(seeds), size=len(seeds)) for _ in chosen]
-        problem_index = [rng.integers(0, len(pairs[p].problems), size=len(pairs[p].problems)) for p in chosen]
+        if shared:
+            common = rng.integers(0, len(pairs[0].problems), size=len(pairs[0].problems))
+            problem_index = [common for _ in chosen]
+        else:
+            problem_index = [rng.integers(0, len(pairs[p].problems), size=len(pairs[p].problems)) for p in chosen]
         draws[r] = _estimate(pairs, seeds, statistic, chosen, seed_index, problem_index)
     low, high = np.percentile(draws, [2.5, 97.5])
     return {"mean": point, "low": float(low), "high": float(high)}
@@ -166,8 +175,10 @@ def study_markdown(study: dict[str, Any]) -> str:
     machines = sorted({p["machine"] for p in pairs if p["machine"]})
     lines += ["", f"{len(pairs)} toy pairs x training seeds {', '.join(map(str, study['seeds']))}; "
               f"{pairs[0]['test_problems'] if pairs else 0} held-out test problems per pair, greedy. 95% intervals: "
-              f"hierarchical bootstrap ({study['resamples']} resamples of pairs, seeds within a pair and problems "
-              f"within a pair). Pairs: {fingerprints}. Machine: {'; '.join(machines) or 'unrecorded'}."]
+              f"hierarchical bootstrap ({study['resamples']} resamples of pairs, of seeds within a pair and of the "
+              f"test problems, the same problems for every pair as in the demo). With {len(pairs)} pairs the pair "
+              f"level has few values to draw from and its percentile interval runs narrow: read the per-pair "
+              f"column beside it. Pairs: {fingerprints}. Machine: {'; '.join(machines) or 'unrecorded'}."]
     return "\n".join(lines) + "\n"
 
 

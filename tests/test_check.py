@@ -306,7 +306,25 @@ def test_on_a_cluster_resources_and_paths_are_checked_on_every_node(tiny_pair, p
         f"train.cpus_per_worker, train.gpus_per_worker) fit at once and all start together; the Ray cluster has "
         f"1 node(s), {cpus:g} CPUs and 0 GPUs in all, the largest {cpus:g} CPUs and 0 GPUs"]
     # A path present here but not on a node is named with the node (one node here: a missing path).
-    missing = pf.check_nodes_have_paths({"expert model directory": str(tmp_path / "elsewhere")})
-    assert len(missing) == 1
-    assert missing[0].startswith(f"expert model directory {tmp_path / 'elsewhere'} is missing on 1 of 1 nodes (")
-    assert pf.check_nodes_have_paths({"expert model directory": str(tiny_pair["expert"])}) == []
+    missing, unanswered = pf.check_nodes_have_paths({"expert model directory": str(tmp_path / "elsewhere")})
+    assert len(missing) == 1 and unanswered == []
+    assert missing[0].startswith(f"expert model directory {tmp_path / 'elsewhere'} is missing on 1 of 1 nodes "
+                                 "that can host model work (")
+    assert pf.check_nodes_have_paths({"expert model directory": str(tiny_pair["expert"])}) == ([], [])
+    # Only nodes that can host a model-loading actor or worker are asked: none here holds a GPU.
+    gpu_only = [pf.Ask("sampling", "sampler actor", 1, 1.0, 1.0, "sampling.*")]
+    assert pf.check_nodes_have_paths({"expert model directory": str(tmp_path / "elsewhere")}, asks=gpu_only) == ([], [])
+    grading_only = [pf.Ask("evaluation", "grading task", 1, 1.0, 0.0, "eval.grading_cpus", loads_models=False)]
+    assert pf.check_nodes_have_paths({"expert model directory": str(tmp_path / "elsewhere")},
+                                     asks=grading_only) == ([], [])
+
+
+def test_only_nodes_that_can_host_model_work_are_asked_for_the_model_paths():
+    asks = pf.stage_asks(load_config(None, ["sampling.gpus_per_actor=0.5", "train.gpus_per_worker=1",
+                                            "eval.gpus_per_actor=1"]))
+    cpu_only = {"Resources": {"CPU": 16.0}}
+    gpu_node = {"Resources": {"CPU": 8.0, "GPU": 4.0}}
+    head = {"Resources": {}}  # num-cpus 0: the driver and the grading task's node at most
+    assert [pf._hosts_model_work(node, asks) for node in (cpu_only, gpu_node, head)] == [False, True, False]
+    assert pf._hosts_model_work(cpu_only, pf.stage_asks(load_config(None, [])))  # CPU stages: any node with a CPU
+    assert pf._hosts_model_work(head, None)  # without asks every node is asked

@@ -22,6 +22,23 @@ def test_same_settings_resume_and_seeds_may_be_added(tmp_path):
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == written
 
 
+def test_a_record_written_before_the_newer_settings_still_resumes(tmp_path):
+    """A demo directory from before demo.pair_seed, the loss and rollout options and the export keys: it resumes
+    (the newer keys are recorded then)."""
+    from lightreasoner_ray.runs.demo import ADDED_DEMO_KEYS
+
+    claim_output_dir(demo_config([f"output_dir={tmp_path}"]), "pair-a")
+    (tmp_path / "all_steps").mkdir()
+    record = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert {"export.merge", "demo.pair_seed", "train.divergence"} <= set(record)
+    older = {key: value for key, value in record.items() if key not in ADDED_DEMO_KEYS}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(older))
+    claim_output_dir(demo_config([f"output_dir={tmp_path}"]), "pair-a")
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == record
+    with pytest.raises(LightReasonerError, match="demo.pair_seed differ"):
+        claim_output_dir(demo_config([f"output_dir={tmp_path}", "demo.pair_seed=1"]), "pair-a")
+
+
 @pytest.mark.parametrize("overrides, pair, named", [
     (["train.lr=1e-3"], "pair-a", "train.lr"),
     (["demo.test_problems=50"], "pair-a", "demo.test_problems"),

@@ -3,6 +3,7 @@ against a direct dense computation over the full vocabulary, one step at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -174,7 +175,10 @@ def test_loss_settings_shape_the_checkpoints_and_an_older_record_without_them_st
 
     config = Config()
     settings = shaping_train_settings(config)
-    assert {"train.divergence", "train.jsd_beta", "train.anchor_weight"} <= set(settings)
+    assert {"train.divergence", "train.anchor_weight"} <= set(settings)
+    assert "train.jsd_beta" not in settings  # read by the jsd loss alone
+    jsd = dataclasses.replace(config, train=dataclasses.replace(config.train, divergence="jsd"))
+    assert shaping_train_settings(jsd)["train.jsd_beta"] == 0.5
     now = TrainingProvenance(samples="s", expert="e", settings=settings)
     older = {k: v for k, v in settings.items() if k not in ("train.divergence", "train.jsd_beta", "train.anchor_weight")}
     assert now.changes_from(TrainingProvenance(samples="s", expert="e", settings=older)) == []
@@ -238,3 +242,42 @@ def _tokenizer(tiny_pair):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_pair["expert"])
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("anchor_weight", [0.0, 0.5])
+def test_a_placeholder_micro_batch_adds_no_loss_and_no_gradient(divergence, anchor_weight):
+    """A rank with no steps left runs a one-token placeholder (an empty label): whatever the loss options, it
+    contributes exactly nothing, while the real steps of a batch are untouched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lightreasoner_ray.core.update_plan import placeholder_micro_batch
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    lora = get_peft_model(Qwen2ForCausalLM(config).double(),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped = SelectedStepLogits(lora)
+    placeholder = placeholder_micro_batch(pad_id=0)
+    loss = step_loss(wrapped, placeholder, divergence, 0.5, anchor_weight)
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in lora.parameters())
+
+    generator = torch.Generator().manual_seed(2)
+    ids, probs = _label(generator, steps=3)
+    input_ids = torch.randint(0, VOCAB, (1, 6), generator=generator)
+    real = SimpleNamespace(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                           step_rows=torch.tensor([0, 0]), step_positions=torch.tensor([2, 5]),
+                           target_ids=ids[:2], target_probs=probs[:2])
+    assert (step_loss(wrapped, real, divergence, 0.5, anchor_weight) > 0).all()
+
+
+def test_the_anchor_kl_is_finite_where_both_distributions_exclude_a_token():
+    reference = torch.tensor([[0.0, 1.0, float("-inf")]], dtype=torch.float64)
+    logits = torch.tensor([[0.5, 0.2, float("-inf")]], dtype=torch.float64)
+    value = dense_kl_divergence(reference, logits)
+    p, q = torch.softmax(reference[0, :2], -1), torch.softmax(logits[0, :2], -1)
+    assert value.item() == pytest.approx(_kl(p, q))

@@ -359,3 +359,13 @@ def test_a_card_names_sampled_rollouts_and_a_loss_other_than_the_papers():
     assert "| rollouts | sampled: temperature 0.6, top-p 0.95, seed 3 |" in text
     assert "| loss | generalised JSD (β 0.3) + 0.1 × KL(expert ‖ model) |" in text
     assert "the expert's sampled solution" in str(dataset_card(sampled, rows=5))
+
+
+def test_a_read_only_token_is_refused_before_any_work(fake_hub, monkeypatch):
+    monkeypatch.setattr(fake_hub, "whoami", lambda self, token=None: {"name": "me", "auth": {
+        "type": "access_token", "accessToken": {"role": "read"}}})
+    with pytest.raises(LightReasonerError, match="token is read-only; use a token with write access"):
+        hub.check_push("me/model")
+    monkeypatch.setattr(fake_hub, "whoami", lambda self, token=None: {"name": "me", "auth": {
+        "type": "access_token", "accessToken": {"role": "write"}}})
+    assert hub.check_push("me/model").repo_id == "me/model"

@@ -174,3 +174,24 @@ def test_growing_rounds_continues_from_the_last_finished_rounds_model(problems_f
     assert merged[-1] == str(tmp_path / "round-2")
     recorded = json.loads((tmp_path / "round-2" / "round_done.json").read_text())
     assert recorded["next_expert"] == str(tmp_path / "round-2" / "merged")
+
+
+def test_a_round_finished_before_newer_settings_existed_is_still_skipped_whole(tmp_path):
+    """round_done.json written by a version without the loss/rollout/export keys: the round is finished for a
+    config that leaves them at their defaults, and not for one that sets one of them."""
+    import json
+
+    from lightreasoner_ray.config import load_config
+    from lightreasoner_ray.runs.rounds import _finished_round, round_record
+
+    config = load_config(None, [f"output_dir={tmp_path}"])
+    record = round_record(config, {"round": 1}, "/experts/round1")
+    record.write()
+    stored = json.loads(Path(record.path).read_text())
+    for section, key in (("train", "divergence"), ("train", "anchor_weight"), ("sampling", "temperature"),
+                         ("export", "push_to_hub"), ("demo", "pair_seed")):
+        del stored["settings"][section][key]
+    Path(record.path).write_text(json.dumps(stored))
+    assert _finished_round(config)["next_expert"] == "/experts/round1"
+    assert _finished_round(load_config(None, [f"output_dir={tmp_path}", "train.divergence=jsd"])) is None
+    assert _finished_round(load_config(None, [f"output_dir={tmp_path}", "train.lr=1e-3"])) is None

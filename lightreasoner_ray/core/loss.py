@@ -89,7 +89,9 @@ def dense_kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) ->
     dtype = torch.promote_types(logits.dtype, torch.float32)
     reference = torch.log_softmax(reference_logits.to(dtype), dim=-1)
     model = torch.log_softmax(logits.to(dtype), dim=-1)
-    return (reference.exp() * (reference - model)).sum(-1)
+    present = reference > float("-inf")  # a token the reference excludes contributes 0 (0 log 0)
+    difference = torch.where(present, reference - model, torch.zeros_like(reference))
+    return (reference.exp() * difference).sum(-1)
 
 
 class SelectedStepLogits(nn.Module):
@@ -153,10 +155,14 @@ def step_loss(model: nn.Module, batch: Any, divergence: str = "forward_kl", jsd_
     logits = model(batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_positions)
     loss = sparse_divergence(logits, batch.target_ids, batch.target_probs, divergence, jsd_beta)
     if anchor_weight > 0:
+        # Every rank runs this pass, placeholder batches included (ZeRO-3 gathers collectively).
         reference = model(batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_positions,
                           reference=True)
         loss = loss + anchor_weight * dense_kl_divergence(reference.detach(), logits)
-    return loss
+    # A step with an empty label (a placeholder micro-batch: core.update_plan) is no step: nothing
+    # counts there, whatever the divergence or the anchor would make of it.
+    real = batch.target_probs.sum(-1) > 0
+    return torch.where(real, loss, torch.zeros_like(loss))
 
 
 def update_loss_scale(world_size: int, grad_accum: int, update_steps: int) -> float:

@@ -329,7 +329,7 @@ def pair_fingerprint(pair) -> str:
 # Settings added since demo records were first written: an older record lacking them still resumes.
 ADDED_DEMO_KEYS = frozenset({
     "demo.pair_seed", "sampling.temperature", "sampling.top_p", "sampling.seed", "train.divergence",
-    "train.jsd_beta", "train.anchor_weight",
+    "train.jsd_beta", "train.anchor_weight", "export.merge", "export.push_to_hub",
 })
 
 

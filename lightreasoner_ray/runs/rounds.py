@@ -115,11 +115,32 @@ def round_record(config: Config, row: Optional[dict[str, Any]] = None, expert_af
                        informational=frozenset({"row", "next_expert"}))
 
 
+def _without_added_defaults(current: dict[str, Any], recorded: dict[str, Any], defaults: Any) -> dict[str, Any]:
+    """``current`` less the settings ``recorded`` lacks that sit at their default: keys added by a later
+    version, with which an older finished round ran as if at their default."""
+    kept = {}
+    for key, value in current.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in recorded:
+            if isinstance(defaults, dict) and key in defaults and value == default:
+                continue
+            kept[key] = value
+        elif isinstance(value, dict) and isinstance(recorded[key], dict):
+            kept[key] = _without_added_defaults(value, recorded[key], default)
+        else:
+            kept[key] = value
+    return kept
+
+
 def _finished_round(config: Config) -> dict[str, Any] | None:
     record = round_record(config)
     done = record.read()
     if done is None:
         return None
+    recorded = done.get("settings")
+    if isinstance(recorded, dict):
+        settings = _without_added_defaults(record.settings["settings"], recorded, Config().to_dict())
+        record = dataclasses.replace(record, settings={**record.settings, "settings": settings})
     if record.changes(done):
         logger.info("%s was written with other settings: the round's stages resume or redo as they see fit", record.path)
         return None

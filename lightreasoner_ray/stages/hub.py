@@ -296,7 +296,7 @@ _SCHEMA = """| column | type | meaning |
 |---|---|---|
 | problem_id | string | the problem's id |
 | prompt_ids | list<int32> | the prompt, the expert's chat template applied |
-| completion_ids | list<int32> | the expert's greedy completion |
+| completion_ids | list<int32> | the expert's completion (greedy, or sampled: see the settings) |
 | steps | list<int32> | selected positions t (indices into completion_ids) |
 | kl | list<float32> | KL(expert ‖ amateur) at each selected step |
 | target_ids | list<list<int32>> | support of the contrastive soft label at each selected step |
@@ -448,7 +448,7 @@ def check_push(repo_id: str, repo_type: str = "model", key: str = "export.push_t
                                  "(a token with write access)")
     api = huggingface_hub.HfApi(token=token)
     try:
-        api.whoami(token=token)
+        identity = api.whoami(token=token)
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
@@ -460,6 +460,10 @@ def check_push(repo_id: str, repo_type: str = "model", key: str = "export.push_t
         raise LightReasonerError(f"{where}: the Hugging Face Hub at {api.endpoint} is unreachable "
                                  f"({type(exc).__name__}: {_first_line(exc)}); check the network or proxy, "
                                  "or export without pushing") from None
+    role = ((identity or {}).get("auth") or {}).get("accessToken", {}).get("role") if isinstance(identity, dict) else None
+    if role == "read":
+        raise LightReasonerError(f"{where}: the Hugging Face token is read-only; use a token with write access "
+                                 "(`hf auth login`, or HF_TOKEN)")
     return HubPush(repo_id=repo_id, repo_type=repo_type, api=api, token=token)
 
 

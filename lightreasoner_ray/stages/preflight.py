@@ -326,6 +326,8 @@ class Ask:
     keys: str  # the settings that give the shape, for the message
     # Ray Train places all its workers at once; actor pools start with the actors that fit.
     all_at_once: bool = False
+    # Whether what runs there loads a model (the grading task does not).
+    loads_models: bool = True
 
     def describe(self) -> str:
         return f"{self.stage}: {self.count} {self.what}(s) x ({self.cpus:g} CPU, {self.gpus:g} GPU)"
@@ -342,7 +344,7 @@ def stage_asks(config: Config) -> list[Ask]:
             "train.num_workers, train.cpus_per_worker, train.gpus_per_worker", all_at_once=True),
         Ask("evaluation", "evaluator actor", evaluation.num_actors, evaluation.cpus_per_actor,
             evaluation.gpus_per_actor, "eval.num_actors, eval.cpus_per_actor, eval.gpus_per_actor"),
-        Ask("evaluation", "grading task", 1, evaluation.grading_cpus, 0.0, "eval.grading_cpus"),
+        Ask("evaluation", "grading task", 1, evaluation.grading_cpus, 0.0, "eval.grading_cpus", loads_models=False),
     ]
 
 
@@ -415,41 +417,53 @@ def missing_paths(paths: dict[str, str]) -> list[str]:
     return [what for what, path in paths.items() if not os.path.exists(os.path.expanduser(path))]
 
 
-def check_nodes_have_paths(paths: dict[str, str], timeout_s: float = NODE_CHECK_TIMEOUT_S) -> list[str]:
-    """One Ray task pinned to each alive node checks ``paths`` there; one problem per path missing
-    somewhere, naming the nodes."""
+def _hosts_model_work(node: dict[str, Any], asks: Optional[Sequence[Ask]]) -> bool:
+    """Whether one of the model-loading ``asks`` (sampler, worker, evaluator) fits on ``node`` (all do without asks)."""
+    if asks is None:
+        return True
+    resources = node.get("Resources") or {}
+    held = {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0)}
+    return any(fits_on_node(held, ask.cpus, ask.gpus) > 0 for ask in asks if ask.loads_models)
+
+
+def check_nodes_have_paths(paths: dict[str, str], timeout_s: float = NODE_CHECK_TIMEOUT_S,
+                           asks: Optional[Sequence[Ask]] = None) -> tuple[list[str], list[str]]:
+    """One Ray task pinned to each alive node that can host model work (one of ``asks``) checks
+    ``paths`` there. Returns the problems (one per path missing somewhere, naming the nodes) and
+    the nodes that could not say (no answer within ``timeout_s``: a runtime environment still
+    being built, a node leaving), which the caller weighs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not paths:
-        return []
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
+        return [], []
+    nodes = [node for node in ray.nodes() if node.get("Alive") and _hosts_model_work(node, asks)]
     remote = ray.remote(num_cpus=0, max_retries=0)(missing_paths)
     refs = {remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
             .remote(paths): node for node in nodes}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     missing_on: dict[str, list[str]] = {}
-    problems = []
+    problems, unanswered = [], []
     for ref in ready:
         node = refs[ref]
         try:
             missing = ray.get(ref)
         except Exception as exc:
-            problems.append(f"node {node.get('NodeManagerAddress', node['NodeID'])}: the path check failed "
-                            f"({type(exc).__name__})")
+            unanswered.append(f"node {node.get('NodeManagerAddress', node['NodeID'])}: the path check failed "
+                              f"({type(exc).__name__})")
             continue
         for what in missing:
             missing_on.setdefault(what, []).append(node.get("NodeManagerAddress", node["NodeID"][:8]))
     for ref in pending:
         ray.cancel(ref, force=True)
         node = refs[ref]
-        problems.append(f"node {node.get('NodeManagerAddress', node['NodeID'])} did not answer the path check "
-                        f"within {timeout_s:g}s")
+        unanswered.append(f"node {node.get('NodeManagerAddress', node['NodeID'])} did not answer the path check "
+                          f"within {timeout_s:g}s")
     for what, where in missing_on.items():
-        problems.append(f"{what} {paths[what]} is missing on {len(where)} of {len(nodes)} nodes "
-                        f"({', '.join(sorted(where))}): Ray workers there load it; put it on shared storage or on "
-                        "every node")
-    return problems
+        problems.append(f"{what} {paths[what]} is missing on {len(where)} of {len(nodes)} nodes that can host "
+                        f"model work ({', '.join(sorted(where))}): Ray workers there load it; put it on shared "
+                        "storage or on every node")
+    return problems, unanswered
 
 
 def check_cluster(config: Config, report: PreflightReport, for_run: bool = False) -> None:
@@ -481,8 +495,12 @@ def check_cluster(config: Config, report: PreflightReport, for_run: bool = False
             (report.warnings.append if for_run else report.problem)(message)
         report.warnings.extend(warnings)
         if ray.is_initialized():
-            for message in check_nodes_have_paths(_node_paths(config)):
+            missing, unanswered = check_nodes_have_paths(_node_paths(config), asks=asks)
+            for message in missing:
                 report.problem(message)
+            # A run goes on (its stages find out for themselves); check reports what it could not verify.
+            for message in unanswered:
+                (report.warnings.append if for_run else report.problem)(message)
         report.asks.append(f"{cluster}: {describe_cluster(nodes)}")
         report.asks.extend(f"{ask.describe()} asked" for ask in asks)
         if not problems and not warnings:

@@ -48,7 +48,7 @@ def record_sampling(problems: int, completion_tokens: int, selected_steps: int) 
 
 
 def record_train_step(step: int, loss: float, lr: float) -> None:
-    _record("Gauge", "lightreasoner_train_loss", "Distillation loss KL(v_C || pi) at the last update", loss)
+    _record("Gauge", "lightreasoner_train_loss", "Training loss at the last update (train.divergence, plus the anchor term)", loss)
     _record("Gauge", "lightreasoner_train_step", "Updates done", step)
     _record("Gauge", "lightreasoner_train_lr", "Learning rate", lr)
 

@@ -54,8 +54,9 @@ def sampling_settings(config: Config) -> dict[str, Any]:
         # The ids pi_E and pi_A are normalised over; the trainer normalises pi_theta over the same.
         "vocab_size": pair_vocab_size(config.expert, config.amateur),
         # Sampled rollouts only: a greedy run's record is what it always was.
-        **({"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
-           if sampling.temperature > 0 else {}),
+        # (engines draw differently for one seed, so the engine is part of it).
+        **({"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+            "engine": sampling.engine} if sampling.temperature > 0 else {}),
     }
 
 

@@ -104,6 +104,8 @@ def restore_checkpoint(engine: Any, lora: bool, train: Optional[TrainConfig] = N
                 apply_optimizer_settings(engine.lr_scheduler, train)
             return state, registered and Path(directory, MODEL_SUBDIR).is_dir()
     if latest is None:
+        if damaged and rank == 0:
+            logger.warning("no complete checkpoint under %s: training from update 0", checkpoint_root)
         return TrainState(), False
     root = str(latest.path).rsplit("/", 1)[0]
     raise LightReasonerError(
@@ -152,13 +154,18 @@ def _candidates(latest: Any, checkpoint_root: Optional[str] = None) -> Iterator[
         parent = str(latest.path).rstrip("/").rsplit("/", 1)[0]
         filesystem = latest.filesystem
     elif checkpoint_root is not None:
-        filesystem = _filesystem_of(checkpoint_root)
-        parent = fs.FileSystem.from_uri(checkpoint_root)[1] if storage.is_uri(checkpoint_root) else checkpoint_root
+        filesystem, parent = None, checkpoint_root
     else:
         return
-    try:
+    try:  # a store that cannot be listed (credentials, region) leaves Ray Train's latest alone
+        if filesystem is None:
+            filesystem = _filesystem_of(checkpoint_root)
+            if storage.is_uri(checkpoint_root):
+                parent = fs.FileSystem.from_uri(checkpoint_root)[1]
         infos = filesystem.get_file_info(fs.FileSelector(parent, allow_not_found=True))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot list the checkpoints under %s (%s): resuming from Ray Train's latest only",
+                       parent, exc)
         infos = []
     found = {info.path.rstrip("/"): info.base_name for info in infos
              if info.type == fs.FileType.Directory and _STEP_NAME.match(info.base_name)}

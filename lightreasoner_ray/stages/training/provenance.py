@@ -33,6 +33,8 @@ def shaping_train_settings(config: Any) -> dict[str, Any]:
         key: value for key, value in flatten_tree(dataclasses.asdict(config.train), "train").items()
         if key.split(".", 1)[1] not in RESUMABLE_TRAIN_KEYS
     }
+    if config.train.divergence != "jsd":
+        settings.pop("train.jsd_beta", None)  # read by the jsd loss alone
     settings["expert.dtype"] = config.expert.dtype
     return settings
 
