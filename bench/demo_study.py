@@ -189,7 +189,7 @@ def study_chart(study: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     differences = study["differences"]
-    figure, axis = plt.subplots(figsize=(7, 0.6 * len(differences) + 1.2))
+    figure, axis = plt.subplots(figsize=(8.5, 0.6 * len(differences) + 1.4))
     for row, d in enumerate(differences):
         axis.plot([100 * d["low"], 100 * d["high"]], [row, row], color="tab:blue", linewidth=2)
         axis.plot([100 * d["mean"]], [row], "o", color="tab:blue")
@@ -199,7 +199,7 @@ def study_chart(study: dict[str, Any], path: Path) -> None:
     axis.set_yticklabels([f"{TITLES[d['a']].replace('expert + ', '')} − {TITLES[d['b']].replace('expert + ', '')}"
                           for d in differences])
     axis.invert_yaxis()
-    axis.set_xlabel("difference in test accuracy (points): mean, 95% CI, x = one pair")
+    axis.set_xlabel("test accuracy difference (points): mean and 95% CI; x = one pair")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
