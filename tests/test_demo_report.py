@@ -25,13 +25,14 @@ def test_same_settings_resume_and_seeds_may_be_added(tmp_path):
 def test_a_record_written_before_the_newer_settings_still_resumes(tmp_path):
     """A demo directory from before demo.pair_seed, the loss and rollout options and the export keys: it resumes
     (the newer keys are recorded then)."""
-    from lightreasoner_ray.runs.demo import ADDED_DEMO_KEYS
+    newer = {"demo.pair_seed", "sampling.temperature", "sampling.top_p", "sampling.seed", "train.divergence",
+             "train.jsd_beta", "train.anchor_weight", "export.merge", "export.push_to_hub"}
 
     claim_output_dir(demo_config([f"output_dir={tmp_path}"]), "pair-a")
     (tmp_path / "all_steps").mkdir()
     record = json.loads((tmp_path / SETTINGS_FILE).read_text())
     assert {"export.merge", "demo.pair_seed", "train.divergence"} <= set(record)
-    older = {key: value for key, value in record.items() if key not in ADDED_DEMO_KEYS}
+    older = {key: value for key, value in record.items() if key not in newer}
     (tmp_path / SETTINGS_FILE).write_text(json.dumps(older))
     claim_output_dir(demo_config([f"output_dir={tmp_path}"]), "pair-a")
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == record

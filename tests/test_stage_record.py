@@ -111,3 +111,18 @@ def test_a_record_written_before_redaction_still_resumes_and_loses_its_password(
     StageRecord(str(path), {"model": "s3://u:pw@b/m", "beta": 0.4}, identity=frozenset({"model"})).claim(
         True, refuse, replaced=replaced.append)
     assert replaced == []
+
+
+def test_a_setting_added_since_the_record_is_unchanged_at_its_default_and_recorded_from_then_on(tmp_path):
+    path = str(tmp_path / "record.json")
+    StageRecord(path, {"a": 1}).write()
+    record = StageRecord(path, {"a": 1, "new": 0}, defaults={"a": 5, "new": 0})
+    assert record.changes({"a": 1}) == []
+    record.claim(True, lambda changes: AssertionError(changes))
+    assert json.loads((tmp_path / "record.json").read_text()) == {"a": 1, "new": 0}
+
+    (tmp_path / "record.json").write_text(json.dumps({"a": 1}))
+    moved = StageRecord(path, {"a": 1, "new": 3}, defaults={"new": 0})
+    assert len(moved.changes({"a": 1})) == 1  # away from its default: the older run did not run so
+    dropped = StageRecord(path, {"new": 0}, defaults={"a": 1, "new": 0})
+    assert dropped.changes({"a": 2}) == []  # a key only the record holds decides nothing (no compare_dropped)

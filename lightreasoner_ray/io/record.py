@@ -29,9 +29,9 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from lightreasoner_ray.config import redact_tree
 from lightreasoner_ray.errors import LightReasonerError
@@ -109,6 +109,12 @@ def describe_change(key: str, before: Any, after: Any) -> str:
     return f"{key}: {before!r} -> {after!r}"
 
 
+def added_at_default(key: str, recorded: Mapping[str, Any], value: Any, defaults: Mapping[str, Any]) -> bool:
+    """Whether ``key``, absent from an older ``recorded``, holds its default ``value`` now: a setting
+    added since the record was written, left as the older version behaved."""
+    return key not in recorded and key in defaults and value == defaults[key]
+
+
 @dataclass
 class StageRecord:
     """What one stage's outputs were made from, kept as JSON beside them, and the rule for a re-run.
@@ -143,6 +149,9 @@ class StageRecord:
     # output_dir) lacks them and still resumes, unchecked on those keys (logged); the record is
     # then rewritten with the current values, so later runs compare them.
     added: frozenset[str] = frozenset()
+    # Every setting's default: a key an older record lacks is unchanged while the current value is
+    # its default (a setting added by a later version, left as the older version behaved).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     unreadable_is_unrecorded: bool = False
     # How a refusal names one change (the demo lists the changed keys alone).
     describe: Callable[[str, Any, Any], str] = describe_change
@@ -171,6 +180,7 @@ class StageRecord:
         recorded = redact_tree(recorded)  # a record written before redaction still matches
         return [key for key in self.compared_keys(recorded)
                 if not (key in self.added and key not in recorded)
+                and not added_at_default(key, recorded, self.settings.get(key, self.missing), self.defaults)
                 and recorded.get(key, self.missing) != self.settings.get(key, self.missing)]
 
     def unrecorded_added_keys(self, recorded: dict[str, Any]) -> list[str]:
@@ -219,7 +229,9 @@ class StageRecord:
             if unchecked:
                 logger.warning("%s predates the record of %s: resuming without checking them, and recording "
                                "their current values from now on", self.path, ", ".join(unchecked))
-            if unchecked or redacted != recorded:  # (rewritten redacted: no password stays on disk)
+            # Settings added since, at their defaults: recorded from now on.
+            newer = any(added_at_default(key, redacted, value, self.defaults) for key, value in self.settings.items())
+            if unchecked or newer or redacted != recorded:  # (rewritten redacted: no password stays on disk)
                 self.write()
             return recorded
         self.write()

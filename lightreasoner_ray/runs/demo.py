@@ -326,13 +326,6 @@ def pair_fingerprint(pair) -> str:
     return f"{pair.spec_hash}-{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
 
 
-# Settings added since demo records were first written: an older record lacking them still resumes.
-ADDED_DEMO_KEYS = frozenset({
-    "demo.pair_seed", "sampling.temperature", "sampling.top_p", "sampling.seed", "train.divergence",
-    "train.jsd_beta", "train.anchor_weight", "export.merge", "export.push_to_hub",
-})
-
-
 def claim_output_dir(config: Config, pair_hash: str) -> None:
     """Every stage of the demo resumes from what ``output_dir`` holds, so a directory
     that holds a demo run with other settings (or another toy pair) is refused rather
@@ -346,7 +339,8 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     # The refusal lists the changed keys alone (the settings are many; the record has their values).
     record = StageRecord(RunLayout(config.output_dir).demo_settings, settings, compare_dropped=True,
                          missing="<missing>", describe=lambda key, before, after: key,
-                         unreadable_is_unrecorded=True, added=ADDED_DEMO_KEYS)
+                         unreadable_is_unrecorded=True,
+                         defaults=flatten_tree(dataclasses.asdict(Config())))
     path = record.path
 
     def refuse(changed: list[str]) -> LightReasonerError:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightreasoner_ray.config import TrainConfig, flatten_tree
+from lightreasoner_ray.io.record import added_at_default
 
 # train.* keys that may differ between the runs of one output_dir, and why:
 # - the step budget and bookkeeping: raising max_steps continues the same run;
@@ -68,8 +69,8 @@ class TrainingProvenance:
             changes.append(f"the expert's weights changed (fingerprint {recorded.expert} -> {self.expert})")
         defaults = flatten_tree(dataclasses.asdict(TrainConfig()), "train")
         for key in sorted(set(recorded.settings) | set(self.settings)):
-            if key not in recorded.settings and key in defaults and self.settings.get(key) == defaults[key]:
-                continue  # a setting added since the record was written, left at its default (the old behaviour)
+            if added_at_default(key, recorded.settings, self.settings.get(key), defaults):
+                continue
             before, after = recorded.settings.get(key, "<unset>"), self.settings.get(key, "<unset>")
             if before != after:
                 changes.append(f"{key}: {before!r} -> {after!r}")
