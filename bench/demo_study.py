@@ -37,7 +37,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-VARIANTS = ("lightreasoner", "lightreasoner_round2", "rejection_sft", "sft", "random_steps")
+OPTIONS = ("reverse_kl", "jsd", "anchor", "sampled_rollouts")
+VARIANTS = ("lightreasoner", "lightreasoner_round2", "rejection_sft", "sft", "random_steps",
+            *(f"lightreasoner_{option}" for option in OPTIONS))
 UNSEEDED = ("amateur", "expert")
 COMPARISONS = (
     ("lightreasoner", "expert"),
@@ -45,11 +47,15 @@ COMPARISONS = (
     ("lightreasoner", "rejection_sft"),
     ("lightreasoner", "sft"),
     ("lightreasoner_round2", "lightreasoner"),
+    *((f"lightreasoner_{option}", "lightreasoner") for option in OPTIONS),
 )
 TITLES = {
     "amateur": "amateur", "expert": "expert", "lightreasoner": "expert + LightReasoner",
     "lightreasoner_round2": "expert + LightReasoner, round 2", "rejection_sft": "expert + SFT (rejection-sampled)",
     "sft": "expert + SFT (gold solutions)", "random_steps": "expert + random-step ablation",
+    "lightreasoner_reverse_kl": "expert + LightReasoner, reverse KL", "lightreasoner_jsd": "expert + LightReasoner, JSD",
+    "lightreasoner_anchor": "expert + LightReasoner, anchored",
+    "lightreasoner_sampled_rollouts": "expert + LightReasoner, sampled rollouts",
 }
 
 
@@ -223,13 +229,16 @@ def main(argv: Optional[Sequence[str]] = None,
     parser.add_argument("--out", type=Path, default=Path("outputs/demo_study"))
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--analyse-only", action="store_true", help="read the pairs' finished demos, run nothing")
+    parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=OPTIONS,
+                        help="demo.options trained and compared with LightReasoner (default: all; none: --options)")
     parser.add_argument("overrides", nargs="*", help="demo overrides, the same for every pair")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pairs = []
     for pair_seed in args.pairs:
+        overrides = [f"demo.options=[{','.join(args.options)}]", *args.overrides]
         directory = args.out / f"pair{pair_seed}" if args.analyse_only else runner(args.out, pair_seed, args.seeds,
-                                                                                   args.overrides)
+                                                                                   overrides)
         pairs.append(read_pair(directory, pair_seed))
     study = analyse(pairs, args.seeds, args.resamples)
     (args.out / "study.json").write_text(json.dumps(study, indent=2))

@@ -368,6 +368,9 @@ class ExportConfig:
         _check_choice(f"{key}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
+DEMO_OPTIONS = ("reverse_kl", "jsd", "anchor", "sampled_rollouts")
+
+
 @dataclass
 class DemoConfig:
     """``lightreasoner demo`` only: the toy problems and the repeats."""
@@ -387,6 +390,15 @@ class DemoConfig:
     rejection_temperature: Optional[float] = None
     # LightReasoner rounds: round r + 1 samples fresh problems with round r's model (merged).
     rounds: int = 1
+    # Options beyond the paper, each trained beside LightReasoner (same expert, samples budget and
+    # seeds) and evaluated with it: "reverse_kl" and "jsd" (train.divergence; jsd mixes with
+    # train.jsd_beta), "anchor" (train.anchor_weight = demo.anchor_weight), "sampled_rollouts" (the
+    # expert's rollouts sampled at demo.rollout_temperature / demo.rollout_top_p, seeded by the
+    # training seed, instead of greedy). None by default: each adds a training per seed.
+    options: list[str] = field(default_factory=list)
+    anchor_weight: float = 0.5
+    rollout_temperature: float = 0.7
+    rollout_top_p: float = 0.95
 
     def validate(self, key: str) -> None:
         if self.train_problems <= 0 or self.test_problems <= 0 or not self.seeds:
@@ -398,6 +410,15 @@ class DemoConfig:
                                          f"the demo): rename it")
         if self.rounds <= 0:
             raise LightReasonerError(f"{key}.rounds must be > 0, got {self.rounds}")
+        for option in self.options:
+            _check_choice(f"{key}.options", option, DEMO_OPTIONS)
+        if len(set(self.options)) != len(self.options):
+            raise LightReasonerError(f"{key}.options has repeats: {list(self.options)}")
+        if self.anchor_weight <= 0:
+            raise LightReasonerError(f"{key}.anchor_weight must be > 0, got {self.anchor_weight}")
+        if self.rollout_temperature <= 0 or not 0.0 < self.rollout_top_p <= 1.0:
+            raise LightReasonerError(f"{key}.rollout_temperature must be > 0 and {key}.rollout_top_p in (0, 1], got "
+                                     f"{self.rollout_temperature} and {self.rollout_top_p}")
 
 
 @dataclass

@@ -92,3 +92,36 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
     markdown = (output_dir / "demo_results.md").read_text()
     assert "expert + LightReasoner" in markdown and "expert + random-step ablation" in markdown
     assert (output_dir / "demo_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The options beyond the paper, added to the same directory: what it holds is resumed (not
+    # retrained), each option trains LightReasoner with its one change, and all are evaluated.
+    lightreasoner_model = output_dir / "lightreasoner-seed0" / "model" / "adapter_model.safetensors"
+    stamp = lightreasoner_model.stat().st_mtime_ns
+    options = ["demo.options=[reverse_kl,jsd,anchor,sampled_rollouts]", "demo.anchor_weight=0.25",
+               "demo.rollout_temperature=1.0", "demo.rollout_top_p=0.9"]
+    assert cli.main(["demo", *overrides, *options]) == 0
+    capfd.readouterr()
+    assert lightreasoner_model.stat().st_mtime_ns == stamp
+    report = json.loads((output_dir / "demo_results.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows)[-4:] == ["lightreasoner_reverse_kl", "lightreasoner_jsd", "lightreasoner_anchor",
+                               "lightreasoner_sampled_rollouts"]
+    trained = {name: json.loads((output_dir / f"{name}-seed0" / "train_summary.json").read_text())["train_config"]
+               for name in list(rows)[-4:]}
+    assert [(c["divergence"], c["anchor_weight"]) for c in trained.values()] == [
+        ("reverse_kl", 0.0), ("jsd", 0.0), ("forward_kl", 0.25), ("forward_kl", 0.0)]
+    # The three loss options train on LightReasoner's own steps; sampled rollouts on its own samples,
+    # drawn at the given temperature/top-p with the training seed, selected with the same beta.
+    for name in ("lightreasoner_reverse_kl", "lightreasoner_jsd", "lightreasoner_anchor"):
+        assert rows[name]["tuned_tokens"] == report["lightreasoner_steps"]
+    rollouts = json.loads((output_dir / "sampled_rollouts-seed0" / "sampling_settings.json").read_text())
+    assert (rollouts["temperature"], rollouts["top_p"], rollouts["seed"], rollouts["beta"]) == (1.0, 0.9, 0, 0.1)
+    sampled = pq.read_table(output_dir / "sampled_rollouts-seed0" / "samples").to_pylist()
+    assert rows["lightreasoner_sampled_rollouts"]["tuned_tokens"] == sum(len(r["steps"]) for r in sampled) > 0
+    greedy = {r["problem_id"]: r["completion_ids"] for r in pq.read_table(output_dir / "all_steps" / "samples").to_pylist()}
+    assert any(r["completion_ids"] != greedy[r["problem_id"]] for r in sampled)  # sampled, not the greedy rollouts
+    assert report["options"] == {"reverse_kl": {"divergence": "reverse_kl"},
+                                 "jsd": {"divergence": "jsd", "jsd_beta": 0.5}, "anchor": {"anchor_weight": 0.25},
+                                 "sampled_rollouts": {"temperature": 1.0, "top_p": 0.9, "seed": "the training seed"}}
+    assert set(report["evaluation"]["models"]) >= {f"{name}-seed0" for name in list(rows)[-4:]}
+    assert "reverse KL" in (output_dir / "demo_results.md").read_text()

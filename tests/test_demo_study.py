@@ -109,7 +109,7 @@ def _write_demo(root: Path, pair_seed: int, correct: dict[str, list[int]], slips
 
 def test_the_study_reads_finished_demos_and_writes_its_table_json_and_chart(study, tmp_path):
     """Two pairs, two seeds, six problems: every number in the table is checked against a hand count."""
-    names = ["lightreasoner", "lightreasoner_round2", "rejection_sft", "sft", "random_steps"]
+    names = ["lightreasoner", "lightreasoner_round2", "rejection_sft", "sft", "random_steps", "lightreasoner_reverse_kl"]
     runs = []
 
     def runner(out, pair_seed, seeds, overrides):
@@ -122,20 +122,25 @@ def test_the_study_reads_finished_demos_and_writes_its_table_json_and_chart(stud
                 correct[f"{name}-seed{seed}"] = [1, 1, 1] + [1 if i < gained else 0 for i in range(3)]
         return _write_demo(out, pair_seed, correct, {"expert": 0.5, "lightreasoner": 0.0})
 
-    result = study.main(["--pairs", "0", "1", "--seeds", "0", "1", "--out", str(tmp_path), "--resamples", "200",
-                         "train.lr=1e-3"], runner=runner)
-    assert runs == [(0, [0, 1], ["train.lr=1e-3"]), (1, [0, 1], ["train.lr=1e-3"])]
+    result = study.main(["--options", "reverse_kl", "--pairs", "0", "1", "--seeds", "0", "1", "--out", str(tmp_path),
+                         "--resamples", "200", "train.lr=1e-3"], runner=runner)
+    assert runs == [(0, [0, 1], ["demo.options=[reverse_kl]", "train.lr=1e-3"]),
+                    (1, [0, 1], ["demo.options=[reverse_kl]", "train.lr=1e-3"])]
     assert result["accuracy"]["expert"]["mean"] == pytest.approx(0.5)
     assert result["accuracy"]["lightreasoner"]["mean"] == pytest.approx(5 / 6)
     differences = {(d["a"], d["b"]): d for d in result["differences"]}
     assert differences[("lightreasoner", "expert")]["mean"] == pytest.approx(2 / 6)
     assert differences[("lightreasoner", "random_steps")]["per_pair"] == pytest.approx([1 / 6, 1 / 6])
     assert differences[("lightreasoner_round2", "lightreasoner")]["mean"] == pytest.approx(-2 / 6)
+    # An option is compared with LightReasoner itself; options not run are not compared.
+    assert differences[("lightreasoner_reverse_kl", "lightreasoner")]["mean"] == pytest.approx(-1 / 6)
+    assert ("lightreasoner_jsd", "lightreasoner") not in differences
     gain = differences[("lightreasoner", "expert")]
     assert 0 <= gain["low"] <= gain["mean"] <= gain["high"] and gain["distinguishable"] == (gain["low"] > 0)
     markdown = (tmp_path / "study.md").read_text()
     assert "| expert + LightReasoner | 83.3 [" in markdown
     assert "| expert + LightReasoner − expert | +33.3 [" in markdown and "| +33.3, +33.3 | " in markdown
+    assert "| expert + LightReasoner, reverse KL − LightReasoner | -16.7 [" in markdown
     assert "pair seed 0: fp0; pair seed 1: fp1" in markdown and "Test CPU" in markdown
     assert json.loads((tmp_path / "study.json").read_text())["seeds"] == [0, 1]
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"

@@ -187,6 +187,12 @@ def test_loss_settings_shape_the_checkpoints_and_an_older_record_without_them_st
     reverse = TrainingProvenance(samples="s", expert="e", settings={**older, "train.divergence": "reverse_kl"})
     assert reverse.changes_from(TrainingProvenance(samples="s", expert="e", settings=older)) == [
         "train.divergence: '<unset>' -> 'reverse_kl'"]
+    # A record that holds jsd_beta without jsd (an older version recorded it always) resumes: it never shaped them.
+    always = TrainingProvenance(samples="s", expert="e", settings={**settings, "train.jsd_beta": 0.3})
+    assert now.changes_from(always) == []
+    # A record of a jsd run is still refused by a forward-KL run: the divergence changed.
+    was_jsd = TrainingProvenance(samples="s", expert="e", settings=shaping_train_settings(jsd))
+    assert now.changes_from(was_jsd) == ["train.divergence: 'jsd' -> 'forward_kl'"]
 
 
 # Through the trainer (Ray Train + DeepSpeed, CPU).

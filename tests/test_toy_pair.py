@@ -111,6 +111,43 @@ def test_build_is_deterministic_for_a_seed(built, tmp_path):
     assert (built.expert_path / "tokenizer.json").read_text() == (again.expert_path / "tokenizer.json").read_text()
 
 
+def test_build_runs_with_deterministic_algorithms_and_fixed_threads_then_restores_them(built, tmp_path, monkeypatch):
+    seen = {}
+    real_build = toy_pair._build_into
+
+    def watched(*args, **kwargs):
+        seen.update(deterministic=torch.are_deterministic_algorithms_enabled(), threads=torch.get_num_threads())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(toy_pair, "_build_into", watched)
+    threads_before = torch.get_num_threads()
+    assert not torch.are_deterministic_algorithms_enabled()
+    again = build_toy_pair(tmp_path / "watched", seed=0, progress=False, spec=SMALL, num_threads=1)
+    assert seen == {"deterministic": True, "threads": 1}
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads_before
+    assert json.loads((again.directory / METADATA_FILE).read_text())["deterministic_algorithms"] is True
+    assert _same_weights(built.expert_path, again.expert_path)
+
+
+def test_deterministic_algorithms_change_no_weight_of_a_cpu_build(built, tmp_path, monkeypatch):
+    """A pair cached before the build enforced deterministic algorithms is still its recipe's pair."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def threads_only(num_threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    monkeypatch.setattr(toy_pair, "_reproducible_torch", threads_only)
+    loose = build_toy_pair(tmp_path / "loose", seed=0, progress=False, spec=SMALL, num_threads=1)
+    assert _same_weights(built.expert_path, loose.expert_path)
+    assert _same_weights(built.amateur_path, loose.amateur_path)
+
+
 def test_cached_pair_is_returned_without_retraining(built, monkeypatch):
     files = [built.directory / METADATA_FILE, built.expert_path / "model.safetensors"]
     stamps = [f.stat().st_mtime_ns for f in files]

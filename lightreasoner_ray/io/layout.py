@@ -28,6 +28,7 @@ by an earlier version must still resume, so a name here changes only with a migr
         all_steps/             the expert's samples with a soft label at every position (beta = 0)
         <variant>-seed<s>/     one trained variant (its samples/, checkpoints/, model/; merged/ for rounds)
         lightreasoner-seed<s>-round<r>/        round r's samples; its training in train/
+        sampled_rollouts-seed<s>/              demo.options sampled_rollouts: the expert's sampled rollouts
       logs/                    the console's log files
       .lightreasoner.lock      the output_dir lock: who is writing here now (io.lock)
 """
@@ -232,6 +233,10 @@ class RunLayout:
 
     def demo_variant(self, name: str, seed: int) -> "RunLayout":
         return RunLayout(self.path(f"{name}-seed{seed}"))
+
+    def demo_rollouts(self, seed: int) -> "RunLayout":
+        """Where the demo's sampled_rollouts option samples the expert's rollouts drawn with ``seed``."""
+        return RunLayout(self.path(f"sampled_rollouts-seed{seed}"))
 
     def demo_round(self, seed: int, round_number: int) -> "RunLayout":
         """Where LightReasoner round ``round_number`` (> 1) of ``seed`` samples."""

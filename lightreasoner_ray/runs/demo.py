@@ -11,6 +11,8 @@
    gold solutions of the same problems, and the random-step ablation (the same number
    of steps drawn uniformly, with soft labels built the same way). With demo.rounds > 1,
    LightReasoner goes on: round r + 1 samples fresh problems with round r's model, merged.
+   demo.options adds LightReasoner with options beyond the paper (another divergence, an
+   anchor to the expert, sampled rollouts), each trained the same way.
 4. Evaluation (Ray actor pool) of the amateur, the expert and every trained model on a
    toy split that no model trained on: ``validation`` to make choices on, ``test`` to
    report (demo.eval_split); one table, written as demo_results.json/.md/.png.
@@ -45,6 +47,23 @@ from lightreasoner_ray.ui.tracking import tracked_stage
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
+# demo.options: the variant each trains (LightReasoner's samples unless sampled_rollouts, which
+# samples its own) and what it changes in the training settings.
+OPTION_VARIANTS = {"reverse_kl": "lightreasoner_reverse_kl", "jsd": "lightreasoner_jsd",
+                   "anchor": "lightreasoner_anchor", "sampled_rollouts": "lightreasoner_sampled_rollouts"}
+
+
+def option_config(base: Config, option: str) -> Config:
+    """The settings LightReasoner trains (and, for sampled_rollouts, samples) with under ``option``."""
+    demo, train = base.demo, base.train
+    if option in ("reverse_kl", "jsd"):
+        return dataclasses.replace(base, train=dataclasses.replace(train, divergence=option))
+    if option == "anchor":
+        return dataclasses.replace(base, train=dataclasses.replace(train, anchor_weight=demo.anchor_weight))
+    if option == "sampled_rollouts":
+        return dataclasses.replace(base, sampling=dataclasses.replace(
+            base.sampling, temperature=demo.rollout_temperature, top_p=demo.rollout_top_p))
+    raise LightReasonerError(f"demo.options: unknown option {option!r}")
 
 
 def demo_defaults() -> dict[str, Any]:
@@ -182,8 +201,10 @@ def run_demo(config: Config) -> dict[str, Any]:
         "random_steps": (None, timings["sample"], len(sampled), None, sampling_resumed),
     }
     round_names = [f"lightreasoner_round{number}" for number in range(2, demo.rounds + 1)]
+    option_names = [OPTION_VARIANTS[option] for option in demo.options]
     variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("lightreasoner", *round_names,
-                                                                           "rejection_sft", "sft", "random_steps")}
+                                                                           "rejection_sft", "sft", "random_steps",
+                                                                           *option_names)}
     for number in range(2, demo.rounds + 1):
         _write_jsonl(layout.demo_problems(number),
                      train_draw[(number - 1) * demo.train_problems : number * demo.train_problems])
@@ -201,6 +222,10 @@ def run_demo(config: Config) -> dict[str, Any]:
             run = _lightreasoner_round(base, number, seed, previous)
             variant_runs[f"lightreasoner_round{number}"].append(run)
             previous = _variant_config(base, run["run_dir"], seed, run["expert"])
+        for option in demo.options:
+            variant_runs[OPTION_VARIANTS[option]].append(
+                _option_variant(base, option, seed, lightreasoner_rows, timings["sample"], len(sampled),
+                                sampling_resumed))
 
     models = [f"amateur={pair.amateur_path}", f"expert={pair.expert_path}"] + [
         f"{name}-seed{run['seed']}={run['model']}" for name, runs in variant_runs.items() for run in runs
@@ -276,6 +301,34 @@ def _lightreasoner_round(base: Config, number: int, seed: int, previous: Config)
     return run
 
 
+def _option_variant(base: Config, option: str, seed: int, lightreasoner_rows: list[dict[str, Any]],
+                    sampling_time: float, problems: int, sampling_resumed: bool) -> dict[str, Any]:
+    """LightReasoner under one of demo.options for ``seed``: the same selected steps with other
+    training settings, or (sampled_rollouts) the steps of the expert's sampled rollouts of the same
+    problems, drawn with sampling.seed = ``seed`` and selected with the same beta."""
+    from lightreasoner_ray.stages.sampling.stage import run_sampling
+
+    layout = RunLayout(base.output_dir)
+    name = OPTION_VARIANTS[option]
+    settings = option_config(base, option)
+    rows, resumed = lightreasoner_rows, sampling_resumed
+    if option == "sampled_rollouts":
+        started = time.time()
+        rollouts = dataclasses.replace(settings, output_dir=layout.demo_rollouts(seed).output_dir,
+                                       sampling=dataclasses.replace(settings.sampling, seed=seed))
+        summary = run_sampling(rollouts)
+        sampling_time = time.time() - started
+        resumed = bool(summary["counts"].get("resumed_problems"))
+        rows = _sorted_samples(rollouts)
+        if not tuned_tokens(rows):
+            raise LightReasonerError(f"demo: the sampled rollouts (seed {seed}) selected no step with KL > "
+                                     f"sampling.beta = {base.sampling.beta} in {RunLayout(rollouts.output_dir).samples}")
+    run = _train_variant(settings, layout.demo_variant(name, seed).output_dir, rows, seed, name)
+    run.update(sampling_time_s=sampling_time, problems=problems, solutions_kept=None,
+               resumed=run["resumed"] or resumed)
+    return run
+
+
 def rejection_sampled(base: Config) -> dict[str, Any]:
     """Rejection-sampling SFT data for the problems LightReasoner sampled (the same file, all of
     it), by the stage ``run`` uses (lightreasoner_ray.stages.rejection_sampling: Ray Data actors, the
@@ -299,6 +352,9 @@ def check_demo_config(config: Config) -> None:
                                  f"got {list(config.eval.benchmarks)}")
     if len(set(config.demo.seeds)) != len(config.demo.seeds):
         raise LightReasonerError(f"demo: demo.seeds has repeats: {list(config.demo.seeds)}")
+    if "anchor" in config.demo.options and not config.train.lora.enabled:
+        raise LightReasonerError("demo: demo.options has anchor, which needs train.lora.enabled=true (the anchor is "
+                                 "the expert with its adapter switched off)")
 
 
 def machine_description() -> str:
@@ -329,11 +385,12 @@ def pair_fingerprint(pair) -> str:
 def claim_output_dir(config: Config, pair_hash: str) -> None:
     """Every stage of the demo resumes from what ``output_dir`` holds, so a directory
     that holds a demo run with other settings (or another toy pair) is refused rather
-    than silently reused. Seeds may be added; ``ray`` settings do not matter."""
+    than silently reused. Seeds and options may be added; ``ray`` settings do not matter."""
     tree = dataclasses.asdict(config)
     for key in ("output_dir", "ray"):
         tree.pop(key, None)
     tree["demo"].pop("seeds", None)
+    tree["demo"].pop("options", None)
     settings = {"toy_pair": pair_hash, **flatten_tree(tree)}
     directory = Path(config.output_dir)
     # The refusal lists the changed keys alone (the settings are many; the record has their values).

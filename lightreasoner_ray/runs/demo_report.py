@@ -24,6 +24,10 @@ TITLES = {
     "rejection_sft": "expert + SFT (rejection-sampled)",
     "sft": "expert + SFT (gold solutions)",
     "random_steps": "expert + random-step ablation",
+    "lightreasoner_reverse_kl": "expert + LightReasoner, reverse KL",
+    "lightreasoner_jsd": "expert + LightReasoner, JSD",
+    "lightreasoner_anchor": "expert + LightReasoner, anchored",
+    "lightreasoner_sampled_rollouts": "expert + LightReasoner, sampled rollouts",
 }
 
 
@@ -122,12 +126,24 @@ def demo_report(config: Config, pair, results: dict[str, Any], variant_runs: dic
         "lightreasoner_steps": lightreasoner_steps,
         "expert_completion_tokens": completion_tokens,
         "rejection_sampling": rejection,
+        "options": option_settings(config),
         "toy_pair": {"expert": str(pair.expert_path), "amateur": str(pair.amateur_path),
                      "expert_accuracy_at_build": pair.expert_accuracy, "amateur_accuracy_at_build": pair.amateur_accuracy,
                      "fingerprint": fingerprint, "machine": machine},
         "timings_s": timings,
         "evaluation": results,
     }
+
+
+def option_settings(config: Config) -> dict[str, dict[str, Any]]:
+    """What each of demo.options changed, as its rows were trained."""
+    demo, train = config.demo, config.train
+    settings = {"reverse_kl": {"divergence": "reverse_kl"},
+                "jsd": {"divergence": "jsd", "jsd_beta": train.jsd_beta},
+                "anchor": {"anchor_weight": demo.anchor_weight},
+                "sampled_rollouts": {"temperature": demo.rollout_temperature, "top_p": demo.rollout_top_p,
+                                     "seed": "the training seed"}}
+    return {option: settings[option] for option in demo.options}
 
 
 def demo_markdown(report: dict[str, Any]) -> str:
@@ -171,6 +187,20 @@ def demo_markdown(report: dict[str, Any]) -> str:
         text += ("LightReasoner round r > 1: round r - 1's model (merged) samples "
                  f"{report['train_problems']} fresh problems against the same amateur; its row's problems, tuned "
                  "tokens and wall time (merge + sampling + training) are that round's alone. ")
+    options = report.get("options") or {}
+    if options:
+        described = {
+            "reverse_kl": "reverse KL(model ‖ soft label) in place of the paper's forward KL",
+            "jsd": f"the generalised Jensen-Shannon divergence (mixing weight {options.get('jsd', {}).get('jsd_beta')})",
+            "anchor": f"an anchor term, {options.get('anchor', {}).get('anchor_weight')} x KL(expert ‖ model) at the "
+                      "selected steps",
+            "sampled_rollouts": f"the expert's rollouts sampled at temperature "
+                                f"{options.get('sampled_rollouts', {}).get('temperature')}, top-p "
+                                f"{options.get('sampled_rollouts', {}).get('top_p')} (seeded by the training seed) "
+                                "instead of greedy, steps selected with the same β",
+        }
+        text += ("Options beyond the paper, each LightReasoner with one change: "
+                 + "; ".join(described[option] for option in options) + ". ")
     text += ("Wall time of a trained variant = its sampling (none for SFT on gold) + training. SFT solutions: the "
              "one-hot solutions SFT trains on. Hasty slips: of the problems that end in a doubling or tripling, the "
              "share answered with the value before it (the weakness the toy pair was given, milder in the expert "
@@ -198,7 +228,7 @@ def demo_chart_png(report: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     rows = report["rows"]
-    figure = Figure(figsize=(10.5, 4.6), dpi=120)
+    figure = Figure(figsize=(max(10.5, 1.05 * len(rows)), 4.6), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     means = [100 * row["accuracy_mean"] for row in rows]

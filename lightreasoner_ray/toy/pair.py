@@ -577,16 +577,21 @@ def _build_into(root: Path, seed: int, spec: ToyPairSpec, progress: bool) -> dic
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None):
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
+def _reproducible_torch(num_threads: int | None):
+    """torch as deterministic as it goes on one machine, restored after: deterministic algorithms
+    only (an op without one raises rather than varying) and, unless None, a fixed thread count
+    (how a reduction is split across threads changes its rounding)."""
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
 
 
 def build_toy_pair(
@@ -605,7 +610,9 @@ def build_toy_pair(
     ``num_threads`` sets torch's intra-op threads during the build (restored
     after; None leaves them alone). The matrices are tiny: on a shared 2-core
     machine two threads measured 10-50x slower than one, whenever anything else
-    was running. Weights are bit-identical for a seed at a fixed thread count.
+    was running. The build runs with torch's deterministic algorithms and seeded
+    data order: weights are bit-identical for a seed at a fixed thread count on one
+    machine (another CPU's instructions may round differently).
     """
     spec = spec or DEFAULT_SPEC
     directory = Path(directory).expanduser().absolute()
@@ -625,10 +632,10 @@ def build_toy_pair(
     staging.chmod(0o755)  # mkdtemp's 0700 would be kept by the final directory
     try:
         logger.info("toy pair: building under %s (seed %d, recipe %s)", directory, seed, spec_hash)
-        with _torch_threads(num_threads):
+        with _reproducible_torch(num_threads):
             metadata = _build_into(staging, seed, spec, progress)
         metadata.update(version=PAIR_VERSION, spec_hash=spec_hash, seed=seed, spec=spec.to_dict(),
-                        system_prompt=SYSTEM_PROMPT, num_threads=num_threads)
+                        system_prompt=SYSTEM_PROMPT, num_threads=num_threads, deterministic_algorithms=True)
         # Written last: a directory with this file holds a complete pair.
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         local_dirs.replace_directory(staging, directory)

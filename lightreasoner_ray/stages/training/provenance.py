@@ -71,6 +71,10 @@ class TrainingProvenance:
         for key in sorted(set(recorded.settings) | set(self.settings)):
             if added_at_default(key, recorded.settings, self.settings.get(key), defaults):
                 continue
+            if key not in self.settings:
+                # Left out now, so it does not shape this run's checkpoints (jsd_beta without jsd;
+                # a key an older version recorded that is resumable now).
+                continue
             before, after = recorded.settings.get(key, "<unset>"), self.settings.get(key, "<unset>")
             if before != after:
                 changes.append(f"{key}: {before!r} -> {after!r}")
