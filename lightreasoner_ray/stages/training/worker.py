@@ -16,6 +16,7 @@ skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -303,8 +304,8 @@ def _build_zero3_partitioned(config: Config, ds_config: dict[str, Any], dtype: t
         AutoModelForCausalLM._model_mapping[type(model_config)]  # imports the model's module
     except (KeyError, ValueError):
         pass  # remote code: imported by from_config below
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config), \
-            set_zero3_state():
+    with no_init_weights(), prevent_arange_dtype_change(), _partition_without_broadcast(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust)
     model.tie_weights()
     found, problems = coverage(model, files)
@@ -320,6 +321,30 @@ def _build_zero3_partitioned(config: Config, ds_config: dict[str, Any], dtype: t
     except OSError:
         pass
     return model.eval()
+
+
+@contextlib.contextmanager
+def _partition_without_broadcast() -> Any:
+    """Inside: ``zero.Init`` partitions each new parameter without first broadcasting it from rank 0.
+
+    The broadcast makes randomly initialised weights agree across ranks; here nothing is
+    initialised and every element is overwritten from the files (a model whose files do
+    not cover it is discarded), so it would only move uninitialised memory, a whole
+    parameter at a time, through every rank.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init._zero_init_param
+
+    def partition_only(self: Any, param: Any) -> None:
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = partition_only
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original
 
 
 def _local_model_dir(path: str) -> str:
