@@ -37,6 +37,10 @@ def test_zero_stages_offload_precision_and_optimizer():
     cpu = deepspeed_config(train("train.deepspeed.stage=2", "train.lr=3e-4", "train.weight_decay=0.1",
                                  "train.max_grad_norm=0.5"), bf16=False, on_gpu=False)
     assert cpu["zero_optimization"] == {"stage": 2}
+    cpu3 = deepspeed_config(train("train.deepspeed.stage=3"), bf16=False, on_gpu=False)
+    # CPU workers release each gathered parameter after use (host memory holds them).
+    assert cpu3["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 100_000_000,
+                                         "stage3_max_reuse_distance": 0}
     assert cpu["train_micro_batch_size_per_gpu"] == 1 and cpu["gradient_clipping"] == 0.5
     assert cpu["bf16"] == {"enabled": False} and cpu["fp16"] == {"enabled": False}
     params = cpu["optimizer"]["params"]
@@ -46,7 +50,7 @@ def test_zero_stages_offload_precision_and_optimizer():
     gpu3 = deepspeed_config(train("train.deepspeed.stage=3", "train.deepspeed.offload=true", "train.gpus_per_worker=1"),
                             bf16=True, on_gpu=True)
     assert gpu3["zero_optimization"] == {
-        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+        "stage": 3,
         "offload_optimizer": {"device": "cpu", "pin_memory": True},
         "offload_param": {"device": "cpu", "pin_memory": True},
     }

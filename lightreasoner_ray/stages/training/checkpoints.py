@@ -27,7 +27,7 @@ from lightreasoner_ray.engines.models import load_tokenizer
 from lightreasoner_ray.errors import LightReasonerError
 from lightreasoner_ray.io import storage
 from lightreasoner_ray.io.test_seam import reached
-from lightreasoner_ray.stages.training.zero3_weights import adapter_state_dict
+from lightreasoner_ray.stages.training.zero3_weights import adapter_state_dict, save_model_shards
 
 CHECKPOINT_TAG = "deepspeed"
 TRAIN_STATE_FILE = "train_state.json"
@@ -381,9 +381,9 @@ def save_hf_model(engine: Any, causal_lm: Any, config: Config, directory: str, r
     """Rank 0 writes the PEFT adapter (LoRA) or the HF model (full), with the tokenizer.
 
     Under ZeRO-3 the weights are partitioned and every rank joins the gathering: of the
-    adapter's parameters alone under LoRA (the frozen base is never gathered:
-    zero3_weights.py), or of the whole model on rank 0 for full fine-tuning (DeepSpeed's
-    consolidated 16-bit state dict).
+    adapter's parameters alone under LoRA (the frozen base is never gathered), or of one
+    parameter at a time for a full model, which rank 0 streams into safetensors shards
+    (zero3_weights.py). No rank ever holds the whole model.
     """
     lora = config.train.lora.enabled
     state_dict = None
@@ -391,10 +391,10 @@ def save_hf_model(engine: Any, causal_lm: Any, config: Config, directory: str, r
         if lora:
             state_dict = adapter_state_dict(causal_lm, rank)
         else:
-            gathered = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=False)
+            save_model_shards(causal_lm, directory, rank)
             if rank == 0:
-                prefix = "causal_lm."
-                state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
+                load_tokenizer(config.expert, "expert").save_pretrained(directory)
+            return
     if rank != 0:
         return
     causal_lm.save_pretrained(directory, state_dict=state_dict)

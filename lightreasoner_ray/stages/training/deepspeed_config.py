@@ -4,7 +4,8 @@ One DeepSpeed rank drives one device: a GPU when the worker was given one (Ray s
 CUDA_VISIBLE_DEVICES), else the CPU. Precision is bf16 on GPUs that have it and
 fp32 otherwise. ZeRO stage 2 partitions optimizer state and gradients; stage 3 also
 partitions the parameters, and the model is then built under ``deepspeed.zero.Init``
-so that no worker ever holds it whole.
+and loaded and saved slice by slice (zero3_weights.py), so that no worker ever holds
+it whole (DeepSpeed's consolidating 16-bit save is not used).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from lightreasoner_ray.config import TrainConfig
 from lightreasoner_ray.core.update_plan import micro_batches_per_update
 from lightreasoner_ray.errors import LightReasonerError
+
+# Elements of gathered ZeRO-3 parameters a CPU worker may hold at once (400 MB in fp32);
+# one larger parameter is still gathered whole.
+CPU_MAX_LIVE_PARAMETERS = 100_000_000
 
 
 def check_supported(train: TrainConfig, expert_dtype: str) -> None:
@@ -69,9 +74,12 @@ def deepspeed_config(train: TrainConfig, bf16: bool, on_gpu: bool, world_size: i
                                           train.micro_batch_steps)
     stage = train.deepspeed.stage
     zero: dict[str, Any] = {"stage": stage}
-    if stage == 3:
-        # Lets engine._zero3_consolidated_16bit_state_dict() gather full weights for saving.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if stage == 3 and not on_gpu:
+        # On CPU workers gathered parameters live in host memory: release each one after use
+        # and keep at most CPU_MAX_LIVE_PARAMETERS gathered (DeepSpeed's defaults keep up to
+        # 1e9, the whole of a 1.5B model, gathered between forward and backward).
+        zero["stage3_max_live_parameters"] = CPU_MAX_LIVE_PARAMETERS
+        zero["stage3_max_reuse_distance"] = 0
     if train.deepspeed.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         if stage == 3:

@@ -16,10 +16,12 @@ skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from lightreasoner_ray.io.test_seam import adopt, altered, reached
 from lightreasoner_ray.stages.training.checkpoints import restore_checkpoint, save_checkpoint
 from lightreasoner_ray.stages.training.deepspeed_config import deepspeed_config, use_bf16
 from lightreasoner_ray.stages.training.metrics_log import TrainMetricsLog
+from lightreasoner_ray.stages.training.zero3_weights import coverage, load_partitions, weight_files
 from lightreasoner_ray.ui.prometheus import record_train_step
 
 logger = logging.getLogger(__name__)
@@ -217,25 +220,31 @@ class LoadedModel:
 def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> LoadedModel:
     """The expert to train.
 
-    Under ZeRO-3, ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model
-    inside ``deepspeed.zero.Init``, so each rank keeps only its partition once loaded;
-    transformers' loader still reads the whole checkpoint on every rank while loading
-    (measured: docs/scale.md).
+    Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (each parameter is
+    partitioned as soon as its module exists) and every rank copies only its own slice
+    of each weight from the safetensors files (zero3_weights.py): no rank holds the
+    whole model at any moment. A model without safetensors weights, or whose weight
+    names or shapes need transformers' conversions, is loaded by transformers' ZeRO-3
+    path instead, which reads the whole checkpoint on every rank (a warning says so).
+    ``HfDeepSpeedConfig`` stays alive either way: transformers and peft consult it.
     """
     from transformers import AutoModelForCausalLM
 
     train = config.train
     dtype = torch.bfloat16 if bf16 else torch.float32
     zero3_context = None
+    model = None
     if train.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_context = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(
-        config.expert.path,
-        dtype=dtype,
-        trust_remote_code=config.expert.trust_remote_code,
-    )
+        model = _build_zero3_partitioned(config, ds_config, dtype)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.expert.path,
+            dtype=dtype,
+            trust_remote_code=config.expert.trust_remote_code,
+        )
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     if train.gradient_checkpointing:
@@ -258,6 +267,97 @@ def build_causal_lm(config: Config, ds_config: dict[str, Any], bf16: bool) -> Lo
         except ValueError as exc:
             raise LightReasonerError(f"train.lora.target_modules={train.lora.target_modules}: {exc}") from None
     return LoadedModel(model, zero3_context, parameters, held)
+
+
+def _build_zero3_partitioned(config: Config, ds_config: dict[str, Any], dtype: torch.dtype) -> Any:
+    """The expert built under ``deepspeed.zero.Init`` and filled slice by slice; None to fall back to transformers.
+
+    The model is built the way transformers builds one under ZeRO-3 (no weight
+    initialisation, RoPE buffers kept in their own dtype, ``zero.Init``), except that
+    transformers' own ``zero.Init`` and its gathered random initialisation of every
+    module are skipped: every weight is then overwritten from the files.
+    """
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path, trust = config.expert.path, config.expert.trust_remote_code
+    files = weight_files(_local_model_dir(path))
+    if files is None:
+        logger.warning("%s has no safetensors weights: loading it through transformers, which reads the whole "
+                       "checkpoint on every worker", path)
+        return None
+    try:
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError as exc:
+        logger.warning("this transformers version lacks %s: loading %s through transformers, which reads the whole "
+                       "checkpoint on every worker", exc, path)
+        return None
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    # Imports must not happen inside zero.Init, which patches tensor creation: torch._dynamo
+    # checks torch.Tensor.__new__'s signature when first imported (a lazy import by the
+    # model's module would fail there).
+    import torch._dynamo  # noqa: F401
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(model_config)]  # imports the model's module
+    except (KeyError, ValueError):
+        pass  # remote code: imported by from_config below
+    with no_init_weights(), prevent_arange_dtype_change(), _partition_without_broadcast(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust)
+    model.tie_weights()
+    found, problems = coverage(model, files)
+    if problems:
+        logger.warning("the weights of %s do not match %d of the model's parameters (%s): loading it through "
+                       "transformers, which reads the whole checkpoint on every worker", path, len(problems),
+                       "; ".join(problems[:3]) + ("..." if len(problems) > 3 else ""))
+        del model
+        return None
+    load_partitions(model, found)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _partition_without_broadcast() -> Any:
+    """Inside: ``zero.Init`` partitions each new parameter without first broadcasting it from rank 0.
+
+    The broadcast makes randomly initialised weights agree across ranks; here nothing is
+    initialised and every element is overwritten from the files (a model whose files do
+    not cover it is discarded), so it would only move uninitialised memory, a whole
+    parameter at a time, through every rank.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init._zero_init_param
+
+    def partition_only(self: Any, param: Any) -> None:
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = partition_only
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original
+
+
+def _local_model_dir(path: str) -> str:
+    """``path``, or the local snapshot of a Hugging Face Hub id (its configs and safetensors files)."""
+    if Path(path).is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # noqa: BLE001 - any failure: transformers' loader reports it in its own words
+        logger.info("no local snapshot of %s (%s)", path, exc)
+        return path
 
 
 def rank_micro_batches(plan: UpdatePlan, update: int, rank: int, pad_id: int) -> list[MicroBatch]:
