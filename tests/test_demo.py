@@ -102,6 +102,12 @@ def test_reduced_demo_runs_every_stage(tmp_path, monkeypatch, ray_local, capfd):
     assert cli.main(["demo", *overrides, *options]) == 0
     capfd.readouterr()
     assert lightreasoner_model.stat().st_mtime_ns == stamp
+    # A finished variant is skipped before any Ray Train start; only the options train.
+    second_log = max((output_dir / "logs").glob("demo-*.log"), key=lambda path: path.stat().st_mtime_ns).read_text()
+    for name in ("lightreasoner", "rejection_sft", "sft", "random_steps", "lightreasoner round 2"):
+        assert f"demo: {name} (seed 0) already trained" in second_log
+        assert f"demo: training {name} (seed 0)" not in second_log
+    assert "demo: training lightreasoner_reverse_kl (seed 0)" in second_log
     report = json.loads((output_dir / "demo_results.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
     assert list(rows)[-4:] == ["lightreasoner_reverse_kl", "lightreasoner_jsd", "lightreasoner_anchor",

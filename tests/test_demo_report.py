@@ -22,6 +22,21 @@ def test_same_settings_resume_and_seeds_may_be_added(tmp_path):
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == written
 
 
+def test_options_may_be_added_with_their_settings(tmp_path):
+    """An option's own settings (demo.anchor_weight, demo.rollout_*) are read by its variants alone, which
+    keep their own records: adding options with them resumes the directory, and the record shows them."""
+    claim_output_dir(demo_config([f"output_dir={tmp_path}"]), "pair-a")
+    (tmp_path / "all_steps").mkdir()
+    options = ["demo.options=[anchor,sampled_rollouts]", "demo.anchor_weight=0.25", "demo.rollout_temperature=1.0",
+               "demo.rollout_top_p=0.9"]
+    claim_output_dir(demo_config([f"output_dir={tmp_path}", *options]), "pair-a")
+    written = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert (written["demo.anchor_weight"], written["demo.rollout_temperature"], written["demo.rollout_top_p"]) == (0.25, 1.0, 0.9)
+    # Any other setting still refuses, beside the options.
+    with pytest.raises(LightReasonerError, match="train.jsd_beta differ"):
+        claim_output_dir(demo_config([f"output_dir={tmp_path}", *options, "train.jsd_beta=0.3"]), "pair-a")
+
+
 def test_a_record_written_before_the_newer_settings_still_resumes(tmp_path):
     """A demo directory from before demo.pair_seed, the loss and rollout options and the export keys: it resumes
     (the newer keys are recorded then)."""

@@ -24,6 +24,7 @@ def test_no_outputs_records_same_inputs_resume_other_inputs_refuse(tmp_path):
     assert json.loads((tmp_path / "record.json").read_text()) == {"beta": 0.4, "expert": "/a"}
     # The model moved (informational), same weights: resume.
     assert StageRecord(path, {"beta": 0.4, "expert": "/b"}, informational=frozenset({"expert"})).claim(True, refuse)
+    assert json.loads((tmp_path / "record.json").read_text())["expert"] == "/b"  # the reader sees where it is now
     with pytest.raises(LightReasonerError, match=r"refused: beta: 0.4 -> 0.5"):
         StageRecord(path, {"beta": 0.5, "expert": "/a"}).claim(True, refuse)
     # Without outputs nothing can be mixed: the new inputs simply replace the record.

@@ -231,7 +231,9 @@ class StageRecord:
                                "their current values from now on", self.path, ", ".join(unchecked))
             # Settings added since, at their defaults: recorded from now on.
             newer = any(added_at_default(key, redacted, value, self.defaults) for key, value in self.settings.items())
-            if unchecked or newer or redacted != recorded:  # (rewritten redacted: no password stays on disk)
+            # An informational key that changed is rewritten too: the record tells the reader the current value.
+            informational_changed = any(redacted.get(key) != self.settings.get(key) for key in self.informational)
+            if unchecked or newer or informational_changed or redacted != recorded:  # (rewritten redacted: no password stays on disk)
                 self.write()
             return recorded
         self.write()

@@ -51,6 +51,9 @@ VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
 # samples its own) and what it changes in the training settings.
 OPTION_VARIANTS = {"reverse_kl": "lightreasoner_reverse_kl", "jsd": "lightreasoner_jsd",
                    "anchor": "lightreasoner_anchor", "sampled_rollouts": "lightreasoner_sampled_rollouts"}
+# The options' own settings, read by their variants alone: recorded in demo_settings.json for the
+# reader, not compared there (each variant's stage record refuses a change once it is trained).
+OPTION_SETTINGS = frozenset({"demo.anchor_weight", "demo.rollout_temperature", "demo.rollout_top_p"})
 
 
 def option_config(base: Config, option: str) -> Config:
@@ -263,10 +266,16 @@ def _variant_config(base: Config, run_dir: str, seed: int, expert_path: str | No
 
 def _train_variant(base: Config, run_dir: str, rows: list[dict[str, Any]], seed: int, name: str,
                    expert_path: str | None = None) -> dict[str, Any]:
-    from lightreasoner_ray.stages.training.driver import run_training
+    from lightreasoner_ray.stages.training.driver import run_training, training_done
 
     variant = _variant_config(base, run_dir, seed, expert_path)
     write_sample_set(rows, variant.train.samples)
+    finished = training_done(variant)
+    if finished is not None:
+        # Trained earlier from these very samples and settings: no Ray Train start to find that out.
+        logger.info("demo: %s (seed %d) already trained (%d updates), skipped", name, seed, finished["steps"])
+        return {"seed": seed, "model": finished["model"], "tuned_tokens": tuned_tokens(rows), "run_dir": run_dir,
+                "train_time_s": finished["wall_time_s"], "final_loss": finished["final_loss"], "resumed": True}
     logger.info("demo: training %s (seed %d) on %d tuned tokens", name, seed, tuned_tokens(rows))
     run_timing: dict[str, float] = {}
     summary = _timed("train", run_timing, run_training, variant)
@@ -385,7 +394,9 @@ def pair_fingerprint(pair) -> str:
 def claim_output_dir(config: Config, pair_hash: str) -> None:
     """Every stage of the demo resumes from what ``output_dir`` holds, so a directory
     that holds a demo run with other settings (or another toy pair) is refused rather
-    than silently reused. Seeds and options may be added; ``ray`` settings do not matter."""
+    than silently reused. Seeds and options may be added, with their settings (an option's
+    variants keep records of their own, which refuse a change once trained); ``ray`` settings
+    do not matter."""
     tree = dataclasses.asdict(config)
     for key in ("output_dir", "ray"):
         tree.pop(key, None)
@@ -395,6 +406,7 @@ def claim_output_dir(config: Config, pair_hash: str) -> None:
     directory = Path(config.output_dir)
     # The refusal lists the changed keys alone (the settings are many; the record has their values).
     record = StageRecord(RunLayout(config.output_dir).demo_settings, settings, compare_dropped=True,
+                         informational=OPTION_SETTINGS,
                          missing="<missing>", describe=lambda key, before, after: key,
                          unreadable_is_unrecorded=True,
                          defaults=flatten_tree(dataclasses.asdict(Config())))
