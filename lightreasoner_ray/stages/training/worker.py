@@ -288,12 +288,15 @@ def _build_zero3_partitioned(config: Config, ds_config: dict[str, Any], dtype: t
         return None
     try:
         from transformers.initialization import no_init_weights
-        from transformers.integrations.deepspeed import prevent_arange_dtype_change
         from transformers.modeling_utils import set_zero3_state
     except ImportError as exc:
         logger.warning("this transformers version lacks %s: loading %s through transformers, which reads the whole "
                        "checkpoint on every worker", exc, path)
         return None
+    try:  # transformers up to 5.18 keeps RoPE's arange in its own dtype under zero.Init; later ones need nothing
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:
+        prevent_arange_dtype_change = contextlib.nullcontext
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     # Imports must not happen inside zero.Init, which patches tensor creation: torch._dynamo
     # checks torch.Tensor.__new__'s signature when first imported (a lazy import by the
