@@ -47,10 +47,13 @@ from lightreasoner_ray.ui.tracking import tracked_stage
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("lightreasoner", "rejection_sft", "sft", "random_steps")
-# demo.options: the variant each trains (LightReasoner's samples unless sampled_rollouts, which
-# samples its own) and what it changes in the training settings.
-OPTION_VARIANTS = {"reverse_kl": "lightreasoner_reverse_kl", "jsd": "lightreasoner_jsd",
-                   "anchor": "lightreasoner_anchor", "sampled_rollouts": "lightreasoner_sampled_rollouts"}
+
+
+def option_variant(option: str) -> str:
+    """The variant one of demo.options trains (its rows, directories and evaluation tags)."""
+    return f"lightreasoner_{option}"
+
+
 # The options' own settings, read by their variants alone: recorded in demo_settings.json for the
 # reader, not compared there (each variant's stage record refuses a change once it is trained).
 OPTION_SETTINGS = frozenset({"demo.anchor_weight", "demo.rollout_temperature", "demo.rollout_top_p"})
@@ -204,7 +207,7 @@ def run_demo(config: Config) -> dict[str, Any]:
         "random_steps": (None, timings["sample"], len(sampled), None, sampling_resumed),
     }
     round_names = [f"lightreasoner_round{number}" for number in range(2, demo.rounds + 1)]
-    option_names = [OPTION_VARIANTS[option] for option in demo.options]
+    option_names = [option_variant(option) for option in demo.options]
     variant_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("lightreasoner", *round_names,
                                                                            "rejection_sft", "sft", "random_steps",
                                                                            *option_names)}
@@ -226,7 +229,7 @@ def run_demo(config: Config) -> dict[str, Any]:
             variant_runs[f"lightreasoner_round{number}"].append(run)
             previous = _variant_config(base, run["run_dir"], seed, run["expert"])
         for option in demo.options:
-            variant_runs[OPTION_VARIANTS[option]].append(
+            variant_runs[option_variant(option)].append(
                 _option_variant(base, option, seed, lightreasoner_rows, timings["sample"], len(sampled),
                                 sampling_resumed))
 
@@ -318,7 +321,7 @@ def _option_variant(base: Config, option: str, seed: int, lightreasoner_rows: li
     from lightreasoner_ray.stages.sampling.stage import run_sampling
 
     layout = RunLayout(base.output_dir)
-    name = OPTION_VARIANTS[option]
+    name = option_variant(option)
     settings = option_config(base, option)
     rows, resumed = lightreasoner_rows, sampling_resumed
     if option == "sampled_rollouts":
