@@ -28,6 +28,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightreasoner_ray.engines.generation import TEACHER_FORCED_TOKENS
+from lightreasoner_ray.stages.training.deepspeed_config import CPU_BUCKET_ELEMENTS, CPU_SUB_GROUP_ELEMENTS
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 
@@ -37,8 +40,13 @@ GiB = 1 << 30
 RUNTIME_CPU = {"driver": 0.75e9, "sampler": 0.75e9, "train worker": 0.8e9, "evaluator": 0.6e9, "vllm": 1.2e9}
 # vLLM's start-up profile run: logits of max_num_batched_tokens (= max_model_len on CPU) positions, ~2 buffers.
 VLLM_PROFILE_TOKENS = 1024
-# DeepSpeed's defaults: reduce_bucket_size 5e8 elements (the gradient bucket, fp32 on CPU).
+# DeepSpeed's defaults (GPU workers): reduce_bucket_size 5e8 elements (the gradient bucket).
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
+# CPU workers (deepspeed_config.py): smaller buckets and optimizer sub-groups.
+CPU_REDUCE_BUCKET = CPU_BUCKET_ELEMENTS
+CPU_SUB_GROUP = CPU_SUB_GROUP_ELEMENTS
+# DeepSpeed's default ZeRO-3 optimizer sub-group (GPU workers): effectively the whole partition.
+DEEPSPEED_SUB_GROUP = 1_000_000_000
 # On a GPU: the CUDA context and the caching allocator's slack.
 RUNTIME_GPU = 1.0e9
 
@@ -116,10 +124,12 @@ PYTHON_LABEL_ENTRY = 68
 
 def contrast_extra(expert: Shape, amateur: Shape, batch: int, prompt: int, new_tokens: int, dtype_bytes: int,
                    chunk: int = 64, support: int = SUPPORT_TRAINED) -> float:
-    """The sampler's contrast on top of the weights: one teacher-forced pass at a time (no KV cache),
-    the completion's final hidden states of both models, the fp32 LM-head chunk of both models,
-    and the batch's soft labels as Python lists (every position selected, at worst)."""
-    sequence = batch * (prompt + new_tokens)
+    """The sampler's contrast on top of the weights: one teacher-forced sub-batch at a time (no KV
+    cache; at most TEACHER_FORCED_TOKENS padded tokens, or one sequence), the completion's final
+    hidden states of both models, the fp32 LM-head chunk of both models, and the batch's soft
+    labels as Python lists (every position selected, at worst)."""
+    length = prompt + new_tokens
+    sequence = min(batch, max(1, TEACHER_FORCED_TOKENS // length)) * length
     vocab = min(expert.vocab, amateur.vocab)
     body = max(inference_transient(expert, sequence, dtype_bytes), inference_transient(amateur, sequence, dtype_bytes))
     residual = 2 * sequence * expert.hidden * dtype_bytes
@@ -142,8 +152,11 @@ def vllm_peak(model: Shape, dtype_bytes: int, kv_bytes: float, profile_tokens: i
 
 
 def train_worker_peak(model: Shape, workers: int, zero: int, lora: bool, dtype_bytes: int, tokens: int,
-                      selected: int, master_fp32: bool = True) -> float:
-    """One training rank: weights (partitioned under ZeRO-3), optimizer state, activations, head."""
+                      selected: int, master_fp32: bool = True, cpu: bool = False) -> float:
+    """One training rank: weights (partitioned under ZeRO-3), optimizer state, activations, head.
+
+    ``tokens``: the padded tokens of the largest micro-batch a rank runs (rows x longest row).
+    """
     params = model.parameters
     embedding = model.vocab * model.hidden
     if zero == 3:
@@ -156,7 +169,10 @@ def train_worker_peak(model: Shape, workers: int, zero: int, lora: bool, dtype_b
     trainable = model.lora_parameters() if lora else params
     # DeepSpeed keeps an fp32 master partition, fp32 gradients and two Adam moments of what it trains.
     state = trainable * (4 * master_fp32 + 4 + 8) / (workers if (zero >= 2 and not lora) else 1)
-    bucket = min(DEEPSPEED_REDUCE_BUCKET, trainable) * 4 if zero == 3 else 0
+    bucket = min(CPU_REDUCE_BUCKET if cpu else DEEPSPEED_REDUCE_BUCKET, trainable) * 4 if zero == 3 else 0
+    # ZeRO-3 copies one optimizer sub-group's gradient partition whole before each step.
+    if zero == 3:
+        bucket += min(CPU_SUB_GROUP if cpu else DEEPSPEED_SUB_GROUP, trainable / workers) * 4
     embedding_grad = embedding * 4 if (zero == 3 and not lora) else 0
     activations = tokens * model.layers * (6 * model.hidden + 4 * model.intermediate) * dtype_bytes
     head = 3 * selected * model.vocab * 4
@@ -195,8 +211,10 @@ def predict_cpu_stage(work: dict) -> dict[str, float]:
         return roles
     if kind == "train":
         model = shape_of(work["expert"])
-        tokens = 2 * (prompt + work.get("new_tokens", 64))  # a micro-batch: up to 8 selected steps, ~2 trajectories
-        peak = train_worker_peak(model, work.get("workers", 2), work["zero"], work["lora"], fp32, tokens, 8)
+        # The largest micro-batch a rank ran (bench/real_scale.py reads it from the samples' plan),
+        # else a guess: up to 8 selected steps from ~2 trajectories.
+        tokens = work.get("micro_batch_tokens") or 2 * (prompt + work.get("new_tokens", 64))
+        peak = train_worker_peak(model, work.get("workers", 2), work["zero"], work["lora"], fp32, tokens, 8, cpu=True)
         return {"train worker": RUNTIME_CPU["train worker"] + peak, "driver": RUNTIME_CPU["driver"]}
     if kind == "eval":
         model = shape_of(work["expert"])

@@ -241,7 +241,7 @@ def stage_command(stage: str, models: dict[str, Path], out: Path, args) -> tuple
                          f"train.deepspeed.stage={zero}", f"train.lora.enabled={'false' if full else 'true'}",
                          f"output_dir={out / stage}"]
         return command, {**work, "kind": "train", "zero": zero, "lora": not full, "expert": expert_path,
-                         "samples": str(source)}
+                         "samples": str(source), "micro_batch_tokens": largest_micro_batch(source / "samples", args)}
     if stage == "eval-vllm":
         model = out / "train-lora-z2" / "model"
         command = cli + ["evaluate", "--config", str(REFERENCE), *common, f"expert.path={expert}",
@@ -254,6 +254,26 @@ def stage_command(stage: str, models: dict[str, Path], out: Path, args) -> tuple
         return command, {"kind": "contrast", "expert": expert, "amateur": amateur, "batch": args.contrast_batch,
                          "new_tokens": args.sampling_tokens}
     raise SystemExit(f"unknown stage {stage}")
+
+
+def largest_micro_batch(samples: Path, args) -> int | None:
+    """Padded tokens (rows x longest row) of the largest micro-batch any rank runs in the stage's updates."""
+    import pyarrow.parquet as pq
+
+    from lightreasoner_ray.config import load_config
+    from lightreasoner_ray.core.update_plan import UpdatePlan
+    from lightreasoner_ray.data.samples import trajectories_from_table
+    from lightreasoner_ray.stages.training.worker import rank_micro_batches
+
+    files = sorted(samples.glob("*.parquet"))
+    if not files:
+        return None
+    train = load_config(REFERENCE).train
+    trajectories = [t for path in files for t in trajectories_from_table(pq.read_table(path))]
+    workers = 2
+    plan = UpdatePlan(trajectories, train.steps_per_update, workers, train.micro_batch_steps, train.seed)
+    return max(batch.input_ids.numel() for update in range(1, args.updates + 1) for rank in range(workers)
+               for batch in rank_micro_batches(plan, update, rank, 0))
 
 
 def contrast_only(expert: str, amateur: str, batch: int, tokens: int) -> None:

@@ -19,6 +19,13 @@ from lightreasoner_ray.errors import LightReasonerError
 # Elements of gathered ZeRO-3 parameters a CPU worker may hold at once (400 MB in fp32);
 # one larger parameter is still gathered whole.
 CPU_MAX_LIVE_PARAMETERS = 100_000_000
+# On CPU workers DeepSpeed's communication buffers and optimizer sub-groups are host memory
+# too. Its defaults (5e8-element buckets, 2 GB each in fp32; one optimizer sub-group of up to
+# 1e9 elements, whose gradient is copied whole before every step) are sized for GPUs with host
+# memory to spare: at the 0.5B's full fine-tuning they alone took 3 GB a rank. CPU workers use
+# 200 MB buckets and sub-groups of at most 400 MB.
+CPU_BUCKET_ELEMENTS = 50_000_000
+CPU_SUB_GROUP_ELEMENTS = 100_000_000
 
 
 def check_supported(train: TrainConfig, expert_dtype: str) -> None:
@@ -80,6 +87,11 @@ def deepspeed_config(train: TrainConfig, bf16: bool, on_gpu: bool, world_size: i
         # 1e9, the whole of a 1.5B model, gathered between forward and backward).
         zero["stage3_max_live_parameters"] = CPU_MAX_LIVE_PARAMETERS
         zero["stage3_max_reuse_distance"] = 0
+        zero["sub_group_size"] = CPU_SUB_GROUP_ELEMENTS
+    if stage >= 2 and not on_gpu:
+        zero["reduce_bucket_size"] = CPU_BUCKET_ELEMENTS
+        if stage == 2:
+            zero["allgather_bucket_size"] = CPU_BUCKET_ELEMENTS
     if train.deepspeed.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
         if stage == 3:

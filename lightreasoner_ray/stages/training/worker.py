@@ -38,6 +38,7 @@ from lightreasoner_ray.io.test_seam import adopt, altered, reached
 from lightreasoner_ray.stages.training.checkpoints import restore_checkpoint, save_checkpoint
 from lightreasoner_ray.stages.training.deepspeed_config import deepspeed_config, use_bf16
 from lightreasoner_ray.stages.training.metrics_log import TrainMetricsLog
+from lightreasoner_ray.stages.training.host_memory import return_freed_memory
 from lightreasoner_ray.stages.training.zero3_weights import coverage, load_partitions, weight_files
 from lightreasoner_ray.ui.prometheus import record_train_step
 
@@ -57,6 +58,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = default_device()
+    if device.type == "cpu":
+        return_freed_memory()
     bf16 = use_bf16(device.type, config.expert.dtype)
     ds_config = deepspeed_config(train, bf16, on_gpu=device.type == "cuda", world_size=world_size)
 
