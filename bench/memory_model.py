@@ -42,9 +42,7 @@ RUNTIME_CPU = {"driver": 0.75e9, "sampler": 0.75e9, "train worker": 0.8e9, "eval
 VLLM_PROFILE_TOKENS = 1024
 # DeepSpeed's defaults (GPU workers): reduce_bucket_size 5e8 elements (the gradient bucket).
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
-# CPU workers (deepspeed_config.py): smaller buckets and optimizer sub-groups.
-CPU_REDUCE_BUCKET = CPU_BUCKET_ELEMENTS
-CPU_SUB_GROUP = CPU_SUB_GROUP_ELEMENTS
+# CPU workers use smaller buckets and optimizer sub-groups: CPU_BUCKET_ELEMENTS, CPU_SUB_GROUP_ELEMENTS.
 # DeepSpeed's default ZeRO-3 optimizer sub-group (GPU workers): effectively the whole partition.
 DEEPSPEED_SUB_GROUP = 1_000_000_000
 # On a GPU: the CUDA context and the caching allocator's slack.
@@ -169,10 +167,11 @@ def train_worker_peak(model: Shape, workers: int, zero: int, lora: bool, dtype_b
     trainable = model.lora_parameters() if lora else params
     # DeepSpeed keeps an fp32 master partition, fp32 gradients and two Adam moments of what it trains.
     state = trainable * (4 * master_fp32 + 4 + 8) / (workers if (zero >= 2 and not lora) else 1)
-    bucket = min(CPU_REDUCE_BUCKET if cpu else DEEPSPEED_REDUCE_BUCKET, trainable) * 4 if zero == 3 else 0
-    # ZeRO-3 copies one optimizer sub-group's gradient partition whole before each step.
+    bucket = 0.0
     if zero == 3:
-        bucket += min(CPU_SUB_GROUP if cpu else DEEPSPEED_SUB_GROUP, trainable / workers) * 4
+        # The reduce bucket, and the copy of one optimizer sub-group's gradient partition made before each step.
+        bucket = (min(CPU_BUCKET_ELEMENTS if cpu else DEEPSPEED_REDUCE_BUCKET, trainable)
+                  + min(CPU_SUB_GROUP_ELEMENTS if cpu else DEEPSPEED_SUB_GROUP, trainable / workers)) * 4
     embedding_grad = embedding * 4 if (zero == 3 and not lora) else 0
     activations = tokens * model.layers * (6 * model.hidden + 4 * model.intermediate) * dtype_bytes
     head = 3 * selected * model.vocab * 4

@@ -241,7 +241,7 @@ def stage_command(stage: str, models: dict[str, Path], out: Path, args) -> tuple
                          f"train.deepspeed.stage={zero}", f"train.lora.enabled={'false' if full else 'true'}",
                          f"output_dir={out / stage}"]
         return command, {**work, "kind": "train", "zero": zero, "lora": not full, "expert": expert_path,
-                         "samples": str(source), "micro_batch_tokens": largest_micro_batch(source / "samples", args)}
+                         "samples": str(source), "micro_batch_tokens": largest_micro_batch(source / "samples", args.updates, work["workers"])}
     if stage == "eval-vllm":
         model = out / "train-lora-z2" / "model"
         command = cli + ["evaluate", "--config", str(REFERENCE), *common, f"expert.path={expert}",
@@ -256,7 +256,7 @@ def stage_command(stage: str, models: dict[str, Path], out: Path, args) -> tuple
     raise SystemExit(f"unknown stage {stage}")
 
 
-def largest_micro_batch(samples: Path, args) -> int | None:
+def largest_micro_batch(samples: Path, updates: int, workers: int) -> int | None:
     """Padded tokens (rows x longest row) of the largest micro-batch any rank runs in the stage's updates."""
     import pyarrow.parquet as pq
 
@@ -270,9 +270,8 @@ def largest_micro_batch(samples: Path, args) -> int | None:
         return None
     train = load_config(REFERENCE).train
     trajectories = [t for path in files for t in trajectories_from_table(pq.read_table(path))]
-    workers = 2
     plan = UpdatePlan(trajectories, train.steps_per_update, workers, train.micro_batch_steps, train.seed)
-    return max(batch.input_ids.numel() for update in range(1, args.updates + 1) for rank in range(workers)
+    return max(batch.input_ids.numel() for update in range(1, updates + 1) for rank in range(workers)
                for batch in rank_micro_batches(plan, update, rank, 0))
 
 

@@ -42,17 +42,7 @@ def _retained_bytes(mode: str) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def _glibc() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").gnu_get_libc_version
-    except (OSError, AttributeError):
-        return False
-    return sys.platform.startswith("linux")
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's allocator only")
+@pytest.mark.skipif(not host_memory.glibc(), reason="glibc's allocator only")
 def test_freed_tensors_go_back_to_the_system():
     retained_default = _retained_bytes("default")
     retained_fixed = _retained_bytes("fixed")

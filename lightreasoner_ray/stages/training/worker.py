@@ -37,8 +37,8 @@ from lightreasoner_ray.io.layout import RunLayout
 from lightreasoner_ray.io.test_seam import adopt, altered, reached
 from lightreasoner_ray.stages.training.checkpoints import restore_checkpoint, save_checkpoint
 from lightreasoner_ray.stages.training.deepspeed_config import deepspeed_config, use_bf16
-from lightreasoner_ray.stages.training.metrics_log import TrainMetricsLog
 from lightreasoner_ray.stages.training.host_memory import return_freed_memory
+from lightreasoner_ray.stages.training.metrics_log import TrainMetricsLog
 from lightreasoner_ray.stages.training.zero3_weights import coverage, load_partitions, weight_files
 from lightreasoner_ray.ui.prometheus import record_train_step
 
